@@ -1,0 +1,268 @@
+"""The engine loop: admit requests, schedule a step, run it, turn sampled tokens into outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.detokenizer import Detokenizer, find_stop
+from pagedllm.engine.scheduler import Scheduler, SchedulerConfig
+from pagedllm.engine.sequence import Request, Sequence
+from pagedllm.layers.sampler import SamplerOutput
+from pagedllm.memory import cpu_kv_budget, dtype_bytes, format_bytes, kv_bytes_per_token
+from pagedllm.model_executor.model_runner import ModelRunner, SampleRow
+from pagedllm.model_loader.resolve import resolve_model
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+
+PromptType = str | list[int] | dict
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        logger.warning("no tokenizer in %s: only token-id prompts are accepted and outputs carry no text", path)
+        return None
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        self.args = args
+        self.model_path = resolve_model(args.model)
+        self.model_config = cfg = ModelConfig.from_folder(self.model_path)
+        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if args.device == "auto" else args.device))
+        self.dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, self.max_model_len))
+        if not args.enable_chunked_prefill and budget < self.max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
+                             f"max_model_len ({self.max_model_len})")
+        self.tokenizer = _load_tokenizer(args.tokenizer or self.model_path)
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        self.runner = ModelRunner(cfg, self.model_path, self.dtype, self.device, args.seed)
+        num_blocks = self._num_kv_blocks(args)
+        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_seqs, budget, self.max_model_len, args.enable_chunked_prefill),
+            self.block_manager,
+        )
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- start-up ---------------------------------------------------------------------------
+    def _num_kv_blocks(self, args: EngineArgs) -> int:
+        per_token = kv_bytes_per_token(self.model_config, dtype_bytes(self.dtype))
+        per_block = per_token * args.block_size
+        if args.num_gpu_blocks_override is not None:
+            num_blocks = args.num_gpu_blocks_override
+        else:
+            wanted = args.max_num_seqs * self.max_model_len * per_token
+            num_blocks = cpu_kv_budget(args.kv_cache_memory, wanted) // per_block
+        tokens = num_blocks * args.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%s, %s per token); max concurrency at "
+                    "max_model_len %d: %.2f", num_blocks, args.block_size, tokens, format_bytes(num_blocks * per_block),
+                    format_bytes(per_token), self.max_model_len, tokens / self.max_model_len)
+        if num_blocks < 1:
+            raise ValueError("the KV cache has no room for a single block; give it more memory (--kv-cache-memory)")
+        return num_blocks
+
+    # ---- requests ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise ValueError("a prompt must be a string, a list of token ids or {'prompt_token_ids': [...]}, "
+                             f"got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "it must leave room for at least one generated token")
+        total = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs up to {total} tokens of KV cache but the whole pool holds "
+                             f"{self.block_manager.num_blocks * self.block_manager.block_size}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, text, ids, params, total)
+        if arrival_time is not None:
+            req.metrics.arrival_time = arrival_time
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
+        self.num_prompt_tokens += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over everything scheduled; outputs of the requests it touched."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        batch = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        rows, forks = [], []
+        for i, s in enumerate(batch):
+            if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
+                rows.append(SampleRow(i, s.seq))
+                for k in range(1, s.num_samples):
+                    child = s.seq.fork(k)
+                    forks.append((s.seq, child))
+                    rows.append(SampleRow(i, child))
+        now = time.time()
+        for s in batch:
+            if s.seq.request.metrics.first_scheduled_time is None:
+                s.seq.request.metrics.first_scheduled_time = now
+        try:
+            result = self.runner.execute(batch, out.blocks_to_copy, rows)
+        except Exception as exc:  # a failing step fails only the requests in it
+            logger.exception("engine step failed")
+            return self._fail({s.seq.request for s in batch}, f"engine error: {exc}")
+        self.scheduler.update_after_step(out)
+        for parent, child in forks:
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.scheduler.fork(parent, child)
+            parent.request.seqs.append(child)
+        touched = {s.seq.request for s in batch}
+        if result is not None:
+            self._append_tokens(rows, result)
+        return [self._output(req) for req in touched if req.request_id in self.requests]
+
+    def _append_tokens(self, rows: list[SampleRow], result: SamplerOutput) -> None:
+        now = time.time()
+        tokens = result.token_ids.tolist()
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
+        for j, (row, token) in enumerate(zip(rows, tokens)):
+            seq = row.seq
+            seq.token_ids.append(token)
+            self.num_generation_tokens += 1
+            m = seq.request.metrics
+            m.first_token_time = m.first_token_time or now
+            m.last_token_time = now
+            if lps is not None:
+                seq.cumulative_logprob += lps[j]
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(self._logprob_entry(result, j, token, seq.params.logprobs))
+            self._check_stop(seq, token)
+
+    def _logprob_entry(self, result: SamplerOutput, j: int, token: int, k: int) -> dict[int, Logprob]:
+        entry = {token: Logprob(result.logprobs[j].item(), int(result.ranks[j]), self._piece(token))}
+        if k > 0:
+            for rank, (tid, lp) in enumerate(zip(result.top_ids[j, :k].tolist(), result.top_logprobs[j, :k].tolist()), 1):
+                entry.setdefault(tid, Logprob(lp, rank, self._piece(tid)))
+        return entry
+
+    def _piece(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        delta = self.detokenizer.update(seq) if self.detokenizer else ""
+        reason, stop_reason = None, None
+        if seq.num_output_tokens > p.min_tokens or p.min_tokens == 0:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif p.stop_strings and delta:
+                hit = find_stop(seq.detok.text, len(delta), p.stop_strings)
+                if hit is not None:
+                    pos, stop = hit
+                    seq.detok.text = seq.detok.text[:pos + (len(stop) if p.include_stop_str_in_output else 0)]
+                    reason, stop_reason = "stop", stop
+        if reason is None and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if self.detokenizer is not None and not isinstance(stop_reason, str):
+                self.detokenizer.update(seq, final=True)
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    def _fail(self, requests: set[Request], message: str) -> list[RequestOutput]:
+        outputs = []
+        for req in requests:
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "error"
+                    self.scheduler.finish(seq)
+            req.error = message
+            outputs.append(self._output(req))
+        return outputs
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.is_finished or req.error is not None
+        if finished:
+            self.requests.pop(req.request_id, None)
+            req.metrics.finished_time = time.time()
+        hold = max((len(s) for s in req.params.stop_strings), default=1) - 1
+        completions = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            text = seq.detok.text
+            if hold and not seq.is_finished:  # a stop string may still complete across this tail
+                text = text[:max(0, len(text) - hold)]
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
+                             req.metrics, req.num_cached_tokens, req.error)

@@ -1,0 +1,132 @@
+"""Continuous batching with one token budget per step (vLLM V1's scheduler, no prefill/decode phases).
+
+Every sequence's computed-token count catches up with its token count: running sequences are
+served first (decodes and unfinished prompt chunks), then waiting ones are admitted FCFS with
+what is left of `max_num_batched_tokens`. When blocks run out, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later (its output so far is kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.engine.block_manager import BlockManager
+from pagedllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    num_samples: int = 1  # > 1 when a request's prompt completes and its n samples are drawn
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_allocate(seq, num_new):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.WAITING:  # preempted itself: nobody left to make room
+                break
+            out.blocks_to_copy += bm.allocate(seq, num_new)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            num_new = seq.num_tokens - len(cached) * bm.block_size
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not bm.can_allocate(seq, num_new, cached):
+                break
+            self.waiting.popleft()
+            out.blocks_to_copy += bm.allocate(seq, num_new, cached)
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += len(cached) * bm.block_size
+            if seq.request.num_cached_tokens == 0:
+                seq.request.num_cached_tokens = len(cached) * bm.block_size
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        for s in out.scheduled:
+            req = s.seq.request
+            if len(req.seqs) == 1 and req.params.n > 1 and s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
+                s.num_samples = req.params.n
+        return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Account for the tokens just computed (their K/V are now in the pool)."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(s.seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        self.block_manager.share_blocks(child)
+        self.running.insert(self.running.index(parent) + 1, child)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues for good and return its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

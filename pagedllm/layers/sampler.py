@@ -1,0 +1,149 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds and logprobs, all on tensors.
+
+Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws from p
+exactly and lets a seeded request supply its own noise row from its own generator, so its output
+does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.engine.sequence import Sequence
+
+
+def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [B], 1.0 on greedy rows
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] long, vocab size where off
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    presence: torch.Tensor | None
+    frequency: torch.Tensor | None
+    repetition: torch.Tensor | None
+    output_tokens: torch.Tensor | None  # [B, L] padded with vocab_size
+    prompt_tokens: torch.Tensor | None
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked out (min_tokens)
+    generators: dict[int, torch.Generator]
+    num_logprobs: int  # max top-k logprobs any row wants; -1 for none
+
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, eos_ids: tuple[int, ...], device) -> SamplingMetadata:
+        ps = [s.params for s in seqs]
+        f32 = dict(dtype=torch.float32, device=device)
+        greedy = [p.greedy for p in ps]
+        any_pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps)
+        banned_rows, banned_ids = [], []
+        for i, (s, p) in enumerate(zip(seqs, ps)):
+            if s.num_output_tokens < p.min_tokens:
+                ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+                banned_rows += [i] * len(ids)
+                banned_ids += sorted(ids)
+        return cls(
+            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, ps)], **f32),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            top_k=torch.tensor([p.top_k or vocab_size for p in ps], device=device) if any(p.top_k for p in ps) else None,
+            top_p=torch.tensor([p.top_p for p in ps], **f32) if any(p.top_p < 1.0 for p in ps) else None,
+            min_p=torch.tensor([p.min_p for p in ps], **f32) if any(p.min_p > 0 for p in ps) else None,
+            presence=torch.tensor([p.presence_penalty for p in ps], **f32) if any_pen else None,
+            frequency=torch.tensor([p.frequency_penalty for p in ps], **f32) if any_pen else None,
+            repetition=torch.tensor([p.repetition_penalty for p in ps], **f32) if any_pen else None,
+            output_tokens=_pad([s.output_token_ids for s in seqs], vocab_size, device) if any_pen else None,
+            prompt_tokens=_pad([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab_size, device) if any_pen else None,
+            banned=(torch.tensor(banned_rows, device=device), torch.tensor(banned_ids, device=device)) if banned_rows else None,
+            generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy},
+            num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None  # [B] logprob of the sampled token
+    top_ids: torch.Tensor | None  # [B, K]
+    top_logprobs: torch.Tensor | None  # [B, K]
+    ranks: torch.Tensor | None  # [B] rank of the sampled token (1 = most likely)
+
+
+def _token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=torch.float32, device=tokens.device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    vocab = logits.shape[1]
+    out_counts = _token_counts(m.output_tokens, vocab)
+    seen = (out_counts > 0) | (_token_counts(m.prompt_tokens, vocab) > 0)
+    rep = m.repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - m.frequency.unsqueeze(1) * out_counts
+    return logits - m.presence.unsqueeze(1) * (out_counts > 0).float()
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    """Mask (to -inf) every token outside the rows' top-k, top-p nucleus and min-p floor."""
+    if m.min_p is not None:
+        probs = logits.softmax(-1)
+        floor = m.min_p.unsqueeze(1) * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if m.top_k is None and m.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if m.top_k is not None:
+        drop |= torch.arange(logits.shape[1], device=logits.device).unsqueeze(0) >= m.top_k.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if m.top_p is not None:
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens; the top token always stays
+        drop |= before >= m.top_p.unsqueeze(1)
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator: torch.Generator | None = None
+        self.seed = seed
+
+    def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(-1) if m.num_logprobs >= 0 else None
+        if m.presence is not None:
+            logits = apply_penalties(logits, m)
+        if m.banned is not None:
+            logits[m.banned] = float("-inf")
+        tokens = logits.argmax(-1)
+        if not m.all_greedy:
+            tokens = torch.where(m.greedy, tokens, self._random(logits, m))
+        return self._with_logprobs(tokens, raw_logprobs, m.num_logprobs)
+
+    def _random(self, logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+        logits = apply_top_k_top_p_min_p(logits / m.temperature.unsqueeze(1), m)
+        probs = logits.softmax(-1)
+        if self.generator is None or self.generator.device != probs.device:
+            self.generator = torch.Generator(device=probs.device)
+            self.generator.manual_seed(self.seed)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, gen in m.generators.items():  # only seeded rows
+            noise[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
+        return (probs / noise).argmax(-1)
+
+    @staticmethod
+    def _with_logprobs(tokens: torch.Tensor, logprobs: torch.Tensor | None, k: int) -> SamplerOutput:
+        if logprobs is None:
+            return SamplerOutput(tokens, None, None, None, None)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(-1) + 1
+        top = logprobs.topk(k, dim=-1) if k > 0 else None
+        return SamplerOutput(tokens, chosen, top.indices if top else None, top.values if top else None, ranks)

@@ -1,0 +1,42 @@
+"""Per-step attention metadata, set once by the model runner and read by every attention layer.
+
+A step's tokens are laid out flat: first one token per decoding sequence, then the prompt chunks
+of the prefilling sequences, each contiguous. Decodes and prefill chunks run in one forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the flattened pool
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks]
+    decode_key_mask: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size] True = attend
+    prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
+    prefill_query_index: torch.Tensor | None  # [P, max_q] flat prefill token for each padded query row
+    prefill_key_mask: torch.Tensor | None  # [P, 1, max_q, max_blocks*block_size] causal with cached prefix
+    prefill_unpad_index: torch.Tensor | None  # [num_prefill_tokens] row in the padded [P*max_q] output
+
+
+_CONTEXT: AttentionMetadata | None = None
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    assert _CONTEXT is not None, "attention metadata is only set during a model runner step"
+    return _CONTEXT
+
+
+@contextmanager
+def attention_metadata(meta: AttentionMetadata):
+    global _CONTEXT
+    _CONTEXT = meta
+    try:
+        yield meta
+    finally:
+        _CONTEXT = None

@@ -1,0 +1,104 @@
+"""Owns the model and the paged KV pool; turns a scheduled batch into tensors, runs it, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.config import ModelConfig
+from pagedllm.engine.scheduler import ScheduledSeq
+from pagedllm.engine.sequence import Sequence
+from pagedllm.layers.attention import PagedAttention
+from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from pagedllm.model_executor.context import AttentionMetadata, attention_metadata
+from pagedllm.model_loader.weights import build_model
+
+
+@dataclass
+class SampleRow:
+    batch_index: int  # which scheduled sequence's last token supplies the logits
+    seq: Sequence  # whose parameters, history and generator apply
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.model = build_model(cfg, folder, dtype, device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.sampler = Sampler(seed)
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = 0
+
+    @property
+    def weight_bytes(self) -> int:
+        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(seen.values())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        attn = self.attn_layers[0]
+        shape = (len(self.attn_layers), 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.block_size = block_size
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat token layout: decodes (one query each) first, then prompt chunks. `batch` is in that order."""
+        dev, bs = self.device, self.block_size
+        starts = [s.seq.num_computed_tokens for s in batch]
+        lens = [s.num_new_tokens for s in batch]
+        input_ids = torch.tensor(
+            [t for s, a, n in zip(batch, starts, lens) for t in s.seq.token_ids[a:a + n]], dtype=torch.long
+        )
+        width = max(len(s.seq.block_table) for s in batch)
+        tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch])
+        starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
+        ctx_lens = starts_t + lens_t
+        row = torch.repeat_interleave(torch.arange(len(batch)), lens_t)  # batch row of every token
+        first = torch.cumsum(lens_t, 0) - lens_t
+        offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
+        positions = starts_t[row] + offset
+        slots = tables[row, positions // bs] * bs + positions % bs
+
+        d = next((i for i, n in enumerate(lens) if n != 1), len(lens))
+        meta = AttentionMetadata(slots.to(dev), d, None, None, None, None, None, None)
+        if d:
+            nb = -(-int(ctx_lens[:d].max()) // bs)
+            meta.decode_block_tables = tables[:d, :nb].to(dev)
+            meta.decode_key_mask = (torch.arange(nb * bs) < ctx_lens[:d, None]).view(d, 1, 1, -1).to(dev)
+        if d < len(batch):
+            p_lens, p_starts = lens_t[d:], starts_t[d:]
+            max_q = int(p_lens.max())
+            nb = -(-int(ctx_lens[d:].max()) // bs)
+            p_first = first[d:] - first[d]
+            q_idx = p_first[:, None] + torch.arange(max_q)[None, :]
+            num_p = int(p_lens.sum())
+            key_pos = torch.arange(nb * bs)
+            mask = key_pos[None, None, :] <= (p_starts[:, None, None] + torch.arange(max_q)[None, :, None])
+            meta.prefill_block_tables = tables[d:, :nb].to(dev)
+            meta.prefill_query_index = q_idx.clamp_(max=num_p - 1).to(dev)
+            meta.prefill_key_mask = mask.unsqueeze(1).to(dev)
+            meta.prefill_unpad_index = ((row[first[d]:] - d) * max_q + offset[first[d]:]).to(dev)
+        return input_ids.to(dev), positions.to(dev), meta
+
+    # ---- step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], rows: list[SampleRow]) -> SamplerOutput | None:
+        if copies:
+            self.copy_blocks(copies)
+        input_ids, positions, meta = self._prepare(batch)
+        with attention_metadata(meta):
+            hidden = self.model(input_ids, positions)
+        if not rows:
+            return None
+        last = torch.cumsum(torch.tensor([s.num_new_tokens for s in batch]), 0) - 1
+        logits = self.model.compute_logits(hidden[last[[r.batch_index for r in rows]].to(self.device)])
+        sm = SamplingMetadata.from_seqs([r.seq for r in rows], self.cfg.vocab_size, self.cfg.eos_token_ids, self.device)
+        return self.sampler(logits, sm)

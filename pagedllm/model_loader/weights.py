@@ -1,0 +1,66 @@
+"""Build the model and fill it from a checkpoint folder's safetensors, shard by shard."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedllm.config import ModelConfig
+from pagedllm.models.decoder import DecoderForCausalLM
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def _default_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
+
+
+def load_weights(model: DecoderForCausalLM, folder: str) -> None:
+    params = dict(model.named_parameters())
+    loaded_names: set[str] = set()
+    for path in _safetensors_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if model.config.tie_word_embeddings and name == "lm_head.weight":
+                    continue
+                target, shard_id = name, None
+                for ckpt_part, (ours, sid) in model.packed_modules.items():
+                    if f".{ckpt_part}." in name:
+                        target, shard_id = name.replace(ckpt_part, ours), sid
+                        break
+                param = params.get(target)
+                if param is None:
+                    continue  # e.g. rotary inv_freq buffers some checkpoints carry
+                loader = getattr(param, "weight_loader", _default_loader)
+                loader(param, f.get_slice(name), shard_id)
+                loaded_names.add(target)
+    missing = sorted(set(params) - loaded_names - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    if missing:
+        raise ValueError(f"checkpoint {folder} lacks weights for: {', '.join(missing[:5])}")
+
+
+def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device) -> DecoderForCausalLM:
+    """Allocate the model directly in the target dtype and device, then load weights in place."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DecoderForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    load_weights(model, folder)
+    return model.eval()
