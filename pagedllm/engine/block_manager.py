@@ -103,8 +103,8 @@ class BlockManager:
         return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        table_len = max(len(seq.block_table), len(cached))
-        new = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - table_len
+        computed = max(seq.num_computed_tokens, len(cached) * self.block_size)
+        new = self.blocks_needed(computed + num_new_tokens) - max(len(seq.block_table), len(cached))
         reusable_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         return max(new, 0) + self._needs_copy(seq) <= len(self.free_queue) - reusable_free
 

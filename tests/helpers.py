@@ -1,0 +1,44 @@
+"""Shared test helpers: random prompts, the HF reference, pool checks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+class HFReference:
+    """Greedy continuations from HF transformers in fp32, with the logits to judge near-ties."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+        ids = torch.tensor([prompt])
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+        return out.sequences[0, len(prompt):].tolist(), [s[0] for s in out.scores]
+
+
+def assert_greedy_match(ours: list[int], theirs: list[int], scores: list[torch.Tensor], tie_tol: float = 1e-3) -> None:
+    """Equal token for token, except a divergence at a near-tie of HF's top two logits (as vLLM's tests allow)."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            gap = abs(float(scores[i][a]) - float(scores[i][b]))
+            assert gap < tie_tol, f"diverged at token {i}: ours {a}, HF {b}, logit gap {gap:.2e}"
+            return
+    assert len(ours) == len(theirs), f"lengths differ: {len(ours)} vs {len(theirs)}"
+
+
+def assert_pool_empty(llm) -> None:
+    bm = llm.engine.block_manager
+    assert all(b.ref_count == 0 for b in bm.blocks), "blocks still referenced"
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not llm.engine.requests and not llm.engine.scheduler.has_unfinished()

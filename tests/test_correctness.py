@@ -1,0 +1,57 @@
+"""Greedy parity with HF transformers in fp32 on tiny random Qwen3 / Llama / Qwen2 checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, random_prompts
+
+MAX_TOKENS = 24
+PROMPTS = random_prompts(16, 3, 80)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    cache = {}
+
+    def get(arch: str, prompts=tuple(map(tuple, PROMPTS)), max_tokens: int = MAX_TOKENS):
+        key = (arch, prompts, max_tokens)
+        if key not in cache:
+            hf = HFReference(tiny_models[arch])
+            cache[key] = [hf.greedy(list(p), max_tokens) for p in prompts]
+        return cache[key]
+
+    return get
+
+
+def _check(llm: LLM, refs, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> None:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for out, prompt, (ref, scores) in zip(outs, prompts, refs):
+        assert out.prompt_token_ids == prompt
+        assert_greedy_match(out.outputs[0].token_ids, ref, scores)
+    assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_greedy_matches_hf(tiny_models, references, arch):
+    _check(LLM(tiny_models[arch], dtype="float32"), references(arch))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_greedy_matches_hf_two_seqs_at_a_time(tiny_models, references, arch):
+    _check(LLM(tiny_models[arch], dtype="float32", max_num_seqs=2), references(arch))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_greedy_matches_hf_under_preemption(tiny_models, references, arch):
+    llm = LLM(tiny_models[arch], dtype="float32", num_gpu_blocks_override=16, block_size=8)
+    _check(llm, references(arch))
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_greedy_matches_hf_with_small_token_budget(tiny_models, references, arch):
+    llm = LLM(tiny_models[arch], dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=False)
+    _check(llm, references(arch))
