@@ -15,8 +15,8 @@ PROMPTS = random_prompts(16, 3, 80)
 def references(tiny_models):
     cache = {}
 
-    def get(arch: str, prompts=tuple(map(tuple, PROMPTS)), max_tokens: int = MAX_TOKENS):
-        key = (arch, prompts, max_tokens)
+    def get(arch: str, prompts=PROMPTS, max_tokens: int = MAX_TOKENS):
+        key = (arch, tuple(map(tuple, prompts)), max_tokens)
         if key not in cache:
             hf = HFReference(tiny_models[arch])
             cache[key] = [hf.greedy(list(p), max_tokens) for p in prompts]

@@ -1,0 +1,72 @@
+"""Command-line flags spelled as vLLM spells them, turned into EngineArgs and SamplingParams."""
+
+from __future__ import annotations
+
+import argparse
+
+from pagedllm.config import EngineArgs
+from pagedllm.memory import parse_bytes
+from pagedllm.sampling_params import SamplingParams
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    g = p.add_argument_group("engine")
+    if model_flag:
+        g.add_argument("--model", default=None,
+                       help="HF checkpoint folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV pool size on the CPU, e.g. 4GiB")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device, seed=ns.seed,
+        max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
+        enable_chunked_prefill=ns.enable_chunked_prefill, gpu_memory_utilization=ns.gpu_memory_utilization,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible sampling)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("-n", type=int, default=1, help="samples per prompt")
+
+
+def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        n=ns.n, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+        presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty,
+        repetition_penalty=ns.repetition_penalty, max_tokens=ns.max_tokens, min_tokens=ns.min_tokens,
+        seed=ns.sampling_seed, stop=ns.stop, ignore_eos=ns.ignore_eos,
+    )

@@ -1,0 +1,72 @@
+"""The embedded SmolLM2-135M-Instruct: real text, the offline API and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.model_loader.resolve import embedded_gguf_path, resolve_model
+from tests.helpers import assert_pool_empty
+
+CLI = [sys.executable, "-m", "pagedllm.entrypoints.cli"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_model_len=1024, dtype="float32")
+
+
+def test_chat_answers_paris(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0),
+                   use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+    assert out[0].outputs[0].finish_reason in ("stop", "length")
+    assert_pool_empty(llm)
+
+
+def test_batch_of_texts_in_input_order(llm):
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "The capital of France is"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert outs[0].outputs[0].text == outs[2].outputs[0].text
+    assert "5" in outs[1].outputs[0].text
+    assert outs[2].num_cached_tokens == 0  # 5 prompt tokens: no full block to reuse
+
+
+def test_gguf_conversion_matches_transformers_loader():
+    """Our dequantized, un-permuted weights equal transformers' own GGUF loader's (a cross-check of the layout)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_gguf_path()
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                               dtype=torch.float32).state_dict()
+    with safe_open(os.path.join(resolve_model(None), "model.safetensors"), "pt") as f:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                     "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):
+            torch.testing.assert_close(f.get_tensor(name), ref[name], rtol=0, atol=1e-6)
+
+
+def test_cli_generate_prints_paris():
+    r = subprocess.run(CLI + ["generate", "The capital of France is", "--temperature", "0", "--max-tokens", "8",
+                              "--max-model-len", "512"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "KV cache:" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--max-tokens", "-3"], "max_tokens"),
+    (["generate", "hi", "--model", "/no/such/model"], "not found"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--dtype", "float8"], "dtype"),
+])
+def test_cli_bad_input_exits_2_without_traceback(args, message):
+    r = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
