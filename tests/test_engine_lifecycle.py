@@ -1,0 +1,60 @@
+"""Requests that end any way (abort, engine error) give every block back; detokenization is UTF-8 safe."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.detokenizer import Detokenizer
+from pagedllm.engine.sequence import Request
+from tests.helpers import assert_pool_empty, random_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(tiny_models["llama"], dtype="float32", num_gpu_blocks_override=64, block_size=4)
+
+
+def test_abort_mid_generation_frees_blocks(llm):
+    engine = llm.engine
+    ids = [engine.add_request({"prompt_token_ids": p}, SamplingParams(max_tokens=50, n=2, ignore_eos=True))
+           for p in random_prompts(4, 10, 30, seed=1)]
+    for _ in range(5):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    for rid in ids:
+        engine.abort_request(rid)
+    assert_pool_empty(llm)
+
+
+def test_engine_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
+    engine = llm.engine
+    rid = engine.add_request({"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=5))
+    real = engine.runner.execute
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    monkeypatch.setattr(engine.runner, "execute", boom)
+    outs = engine.step()
+    assert outs[0].request_id == rid and outs[0].finished and "simulated device fault" in outs[0].error
+    monkeypatch.setattr(engine.runner, "execute", real)
+    assert_pool_empty(llm)
+    good = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(good[0].outputs[0].token_ids) == 3
+    assert_pool_empty(llm)
+
+
+def test_incremental_detokenization_never_splits_characters(llm):
+    tok = llm.get_tokenizer()
+    text = "Café 東京 🚀 naïve — ok"
+    ids = tok.encode(text)
+    req = Request("d", None, [0], SamplingParams(), 100)
+    seq, detok = req.seqs[0], Detokenizer(tok)
+    deltas = []
+    for t in ids:
+        seq.token_ids.append(t)
+        deltas.append(detok.update(seq))
+    deltas.append(detok.update(seq, final=True))
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids)
