@@ -95,7 +95,7 @@ class ModelConfig:
                 gen = json.load(f)
             if gen.get("eos_token_id") is not None:  # generation_config's EOS list wins (Qwen, Llama 3)
                 cfg["eos_token_id"] = gen["eos_token_id"]
-        return cls.from_hf_dict(cfg, name=os.path.basename(os.path.normpath(path)))
+        return cls.from_hf_dict(cfg, name=cfg.get("_name_or_path") or os.path.basename(os.path.normpath(path)))
 
 
 @dataclass

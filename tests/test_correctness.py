@@ -46,7 +46,7 @@ def test_greedy_matches_hf_two_seqs_at_a_time(tiny_models, references, arch):
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_greedy_matches_hf_under_preemption(tiny_models, references, arch):
-    llm = LLM(tiny_models[arch], dtype="float32", num_gpu_blocks_override=16, block_size=8)
+    llm = LLM(tiny_models[arch], dtype="float32", num_gpu_blocks_override=16, block_size=8, max_model_len=128)
     _check(llm, references(arch))
     assert llm.engine.scheduler.num_preemptions > 0
 

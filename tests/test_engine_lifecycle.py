@@ -12,7 +12,7 @@ from tests.helpers import assert_pool_empty, random_prompts
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
-    return LLM(tiny_models["llama"], dtype="float32", num_gpu_blocks_override=64, block_size=4)
+    return LLM(tiny_models["llama"], dtype="float32", num_gpu_blocks_override=64, block_size=4, max_model_len=256)
 
 
 def test_abort_mid_generation_frees_blocks(llm):

@@ -14,7 +14,8 @@ from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.scheduler import Scheduler, SchedulerConfig
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.layers.sampler import SamplerOutput
-from pagedllm.memory import cpu_kv_budget, dtype_bytes, format_bytes, kv_bytes_per_token
+from pagedllm.memory.kv_sizing import cpu_default_kv_budget, kv_bytes_per_token
+from pagedllm.memory.units import format_bytes
 from pagedllm.model_executor.model_runner import ModelRunner, SampleRow
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -60,7 +61,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
 
         self.runner = ModelRunner(cfg, self.model_path, self.dtype, self.device, args.seed)
-        num_blocks = self._num_kv_blocks(args)
+        num_blocks = self._num_kv_blocks(args, budget)
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -73,20 +74,47 @@ class LLMEngine:
         self.num_generation_tokens = 0
 
     # ---- start-up ---------------------------------------------------------------------------
-    def _num_kv_blocks(self, args: EngineArgs) -> int:
-        per_token = kv_bytes_per_token(self.model_config, dtype_bytes(self.dtype))
+    def _num_kv_blocks(self, args: EngineArgs, budget_tokens: int) -> int:
+        """Size the pool: an explicit block count; on CUDA what is left of device memory · utilisation
+        after the loaded weights and the peak activations of a profiled forward pass; on the CPU
+        --kv-cache-memory or the documented default."""
+        per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize)
         per_block = per_token * args.block_size
+        weights = self.runner.weight_bytes
         if args.num_gpu_blocks_override is not None:
-            num_blocks = args.num_gpu_blocks_override
+            num_blocks, source = args.num_gpu_blocks_override, "--num-gpu-blocks-override"
+        elif self.device.type == "cuda":
+            peak = self.runner.profile_peak_activations(budget_tokens, self.max_model_len, args.block_size)
+            total = torch.cuda.mem_get_info(self.device)[1]
+            free = int(total * args.gpu_memory_utilization) - weights - peak
+            num_blocks = max(0, free) // per_block
+            source = (f"{format_bytes(total)} x {args.gpu_memory_utilization} - weights {format_bytes(weights)} "
+                      f"- peak activations {format_bytes(peak)}")
         else:
             wanted = args.max_num_seqs * self.max_model_len * per_token
-            num_blocks = cpu_kv_budget(args.kv_cache_memory, wanted) // per_block
+            budget = args.kv_cache_memory or cpu_default_kv_budget(wanted)
+            num_blocks = budget // per_block
+            source = "--kv-cache-memory" if args.kv_cache_memory else \
+                "CPU default: min(4 GiB, 40% of free RAM, what max_num_seqs x max_model_len need)"
         tokens = num_blocks * args.block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%s, %s per token); max concurrency at "
-                    "max_model_len %d: %.2f", num_blocks, args.block_size, tokens, format_bytes(num_blocks * per_block),
-                    format_bytes(per_token), self.max_model_len, tokens / self.max_model_len)
-        if num_blocks < 1:
-            raise ValueError("the KV cache has no room for a single block; give it more memory (--kv-cache-memory)")
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %s (%s per token; weights %s; from %s); "
+                    "max concurrency at max_model_len %d: %.2f", num_blocks, args.block_size, tokens,
+                    format_bytes(num_blocks * per_block), format_bytes(per_token), format_bytes(weights), source,
+                    self.max_model_len, tokens / self.max_model_len)
+        if tokens < self.max_model_len:
+            need = -(-self.max_model_len // args.block_size)
+            if args.num_gpu_blocks_override is not None:
+                more = f"--num-gpu-blocks-override {need}"
+            elif self.device.type == "cuda":
+                more = "a higher --gpu-memory-utilization, a smaller --max-num-batched-tokens, or --tensor-parallel-size 2"
+            else:
+                more = f"--kv-cache-memory {format_bytes(need * per_block).replace(' ', '')} or more"
+            raise ValueError(
+                f"the KV cache holds {tokens} tokens ({num_blocks} blocks of {args.block_size}, "
+                f"{format_bytes(num_blocks * per_block)}) but one sequence of max_model_len={self.max_model_len} "
+                f"needs {need} blocks ({format_bytes(need * per_block)} at {format_bytes(per_token)} per token). "
+                f"Fix: lower --max-model-len to at most {tokens}, or give the cache more room: {more}"
+            )
         return num_blocks
 
     # ---- requests ---------------------------------------------------------------------------
@@ -125,14 +153,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "it must leave room for at least one generated token")
-        total = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
-            raise ValueError(f"the request needs up to {total} tokens of KV cache but the whole pool holds "
-                             f"{self.block_manager.num_blocks * self.block_manager.block_size}")
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, text, ids, params, total)
+        req = Request(request_id, text, ids, params)
         if arrival_time is not None:
             req.metrics.arrival_time = arrival_time
         self.requests[request_id] = req

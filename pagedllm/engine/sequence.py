@@ -94,7 +94,6 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_total_tokens: int  # prompt + the most tokens it may generate
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0

@@ -1,4 +1,4 @@
-"""`pagedllm` command line: generate, chat."""
+"""`pagedllm` command line: generate, chat, plan."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pagedllm.entrypoints.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
+from pagedllm.entrypoints.plan import add_plan_parser
 
 
 def _engine(ns: argparse.Namespace):
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+
+    add_plan_parser(sub)
     return parser
 
 

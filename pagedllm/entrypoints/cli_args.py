@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pagedllm.config import EngineArgs
-from pagedllm.memory import parse_bytes
+from pagedllm.memory.units import parse_bytes
 from pagedllm.sampling_params import SamplingParams
 
 

@@ -48,6 +48,32 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    @torch.inference_mode()
+    def profile_peak_activations(self, num_tokens: int, max_model_len: int, block_size: int) -> int:
+        """Run one forward pass over `num_tokens` dummy prompt tokens (in sequences of at most max_model_len)
+        and return the peak memory it took beyond weights and its scratch KV (CUDA memory statistics)."""
+        from pagedllm.engine.sequence import Request
+        from pagedllm.sampling_params import SamplingParams
+
+        sizes = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+        blocks = [-(-n // block_size) for n in sizes]
+        self.allocate_kv_cache(sum(blocks), block_size)
+        batch, first = [], 0
+        for n, nb in zip(sizes, blocks):
+            seq = Request("profile", None, [0] * n, SamplingParams(max_tokens=1)).seqs[0]
+            seq.block_table = list(range(first, first + nb))
+            first += nb
+            batch.append(ScheduledSeq(seq, n))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.execute(batch, [], [SampleRow(i, s.seq) for i, s in enumerate(batch)])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        return peak
+
     # ---- inputs -----------------------------------------------------------------------------
     def _prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat token layout: decodes (one query each) first, then prompt chunks. `batch` is in that order."""

@@ -62,6 +62,7 @@ def hf_config_from_gguf(reader) -> dict:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",
+        "_name_or_path": _field(reader, "general.name", ""),
         # Serve in bf16 by default; the fp32 copy on disk keeps the dequantized values exact.
         "dtype": "bfloat16",
     }

