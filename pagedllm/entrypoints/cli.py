@@ -1,4 +1,4 @@
-"""`pagedllm` command line: generate, chat, plan."""
+"""`pagedllm` command line: generate, chat, plan, serve."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pagedllm.entrypoints.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
+from pagedllm.entrypoints.openai.api_server import add_serve_parser
 from pagedllm.entrypoints.plan import add_plan_parser
 
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     add_plan_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""The engine in a background thread, so an asyncio server never blocks on a forward pass.
+
+Everything that touches the engine (adding, aborting, tokenizing) runs on its thread between
+steps, sent there as a command; outputs come back to each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class RequestStream:
+    """A request's cumulative outputs, one per step that touched it. `close()` aborts it unless finished."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str):
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self.finished = True
+            raise out
+        self.finished = out.finished
+        return out
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None):
+        self.engine = engine
+        self.on_finished = on_finished
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # ---- called from the event loop -----------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put((fn, loop, fut))
+        return await fut
+
+    async def add_request(self, prompt: PromptType, params: SamplingParams,
+                          request_id: str | None = None) -> RequestStream:
+        """Add a request (validation errors raise here, before any output) and return its output stream."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(self, request_id)
+        loop = asyncio.get_running_loop()
+
+        def add(engine: LLMEngine) -> None:
+            self._streams[request_id] = (loop, stream.queue)
+            try:
+                engine.add_request(prompt, params, request_id)
+            except BaseException:
+                del self._streams[request_id]
+                raise
+
+        try:
+            await self.call(add)
+        except asyncio.CancelledError:  # the client left while the request was being added
+            self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        def do(engine: LLMEngine) -> None:
+            self._streams.pop(request_id, None)
+            engine.abort_request(request_id)
+
+        self._commands.put((do, None, None))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put((lambda e: None, None, None))
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+        except BaseException as exc:  # a bug, not a request's fault: fail everyone, report unhealthy
+            logger.exception("engine loop died")
+            self.error = exc
+            for loop, q in self._streams.values():
+                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine loop died: {exc!r}"))
+        finally:
+            for rid in list(self.engine.requests):
+                self.engine.abort_request(rid)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, loop, fut = item
+            try:
+                result, error = fn(self.engine), None
+            except Exception as exc:
+                result, error = None, exc
+            if fut is not None:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished and self.on_finished is not None:
+                self.on_finished(out)
+            target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            if target is not None:
+                loop, q = target
+                loop.call_soon_threadsafe(q.put_nowait, out)
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

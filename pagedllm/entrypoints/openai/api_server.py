@@ -1,0 +1,153 @@
+"""The OpenAI-compatible HTTP server: FastAPI app, errors in OpenAI's shape, API key, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.cli_args import add_engine_args, engine_args_from
+from pagedllm.entrypoints.openai import protocol as p
+from pagedllm.entrypoints.openai.serving import APIError, OpenAIServing
+from pagedllm.metrics import Metrics
+from pagedllm.model_loader.resolve import EMBEDDED_MODEL_NAME
+
+logger = logging.getLogger("pagedllm")
+
+
+def _served_names(engine: LLMEngine, served_model_name: str | None) -> list[str]:
+    if served_model_name:
+        return [served_model_name]
+    return [engine.args.model or EMBEDDED_MODEL_NAME]
+
+
+def build_app(engine: LLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    metrics = Metrics(engine)
+    async_engine = AsyncLLMEngine(engine, on_finished=metrics.observe_finished)
+    serving = OpenAIServing(async_engine, _served_names(engine, served_model_name))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        logger.info("shutting down: aborting %d request(s)", len(engine.requests))
+        async_engine.shutdown()
+
+    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app.state.engine = async_engine
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(APIError(401, "invalid or missing API key", "authentication_error").body(), 401)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError):
+        return JSONResponse(APIError(503, str(exc), "server_error").body(), status_code=503)
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.is_alive:
+            return JSONResponse({"status": "unhealthy", "error": repr(async_engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "pagedllm",
+             "max_model_len": engine.max_model_len} for name in serving.names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: p.CompletionRequest, raw: Request):
+        return await serving.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: p.ChatCompletionRequest, raw: Request):
+        return await serving.chat(req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: p.TokenizeRequest):
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages")
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = await async_engine.call(lambda e: e.apply_chat_template(messages, req.add_generation_prompt))
+        else:
+            ids = await async_engine.call(lambda e: e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: p.DetokenizeRequest):
+        serving.check_model(req.model)
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        if any(not 0 <= t < engine.model_config.vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {engine.model_config.vocab_size})", param="tokens")
+        return {"prompt": await async_engine.call(lambda e: e.tokenizer.decode(req.tokens))}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--log-level", default="info")
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    if ns.model_tag and ns.model and ns.model_tag != ns.model:
+        raise ValueError("give the model once: either MODEL or --model")
+    ns.model = ns.model_tag or ns.model
+    engine = LLMEngine(engine_args_from(ns))
+    app = build_app(engine, ns.served_model_name, ns.api_key)
+    logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.model_config.name, ns.host, ns.port)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)

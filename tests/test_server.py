@@ -1,0 +1,259 @@
+"""The OpenAI server, driven by the official `openai` client against a real `pagedllm serve` process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from tests.helpers import random_prompts
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", tiny_models["qwen3"], "--port", str(port),
+           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY,
+           "--served-model-name", "tiny", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read()
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    yield base, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_models):
+    return LLM(tiny_models["qwen3"], dtype="float32", max_model_len=MAX_MODEL_LEN)
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+PROMPTS = random_prompts(32, 4, 40, seed=21)
+
+
+def test_completion_greedy_equals_offline_and_stream_equals_non_stream(client, offline):
+    prompt = PROMPTS[0]
+    ref = offline.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0].text
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == ref and r.usage.completion_tokens == 20
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if c.choices)
+    assert streamed == ref
+
+
+def test_chat_streamed_equals_non_streamed_with_usage(client):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_32_concurrent_streams_each_get_their_solo_text(client, offline):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    refs = [o.outputs[0].text for o in offline.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                                         use_tqdm=False)]
+
+    def run(prompt):
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(run, PROMPTS))
+    assert texts == refs
+
+
+def test_stop_n_logprobs_seed_as_offline(client, offline):
+    prompt = PROMPTS[1]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 12 and len(lp.top_logprobs[0]) == 2 and lp.token_logprobs[0] <= 0
+    text = r.choices[0].text
+    stop = text[4:7]
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, seed=7, n=3,
+                                        extra_body={"ignore_eos": True})
+    ref = offline.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=10,
+                                                                       ignore_eos=True), use_tqdm=False)[0]
+    assert [c.text for c in sorted(sampled.choices, key=lambda c: c.index)] == [c.text for c in ref.outputs]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": "hi", "max_tokens": -3}, 400),
+    ({"prompt": "hi", "temperature": -0.5}, 400),
+    ({"prompt": "hi", "top_p": 1.5}, 400),
+    ({"prompt": "hi", "top_p": 0}, 400),
+    ({"prompt": "hi", "n": "many"}, 400),
+    ({"prompt": [5] * (MAX_MODEL_LEN + 10)}, 400),
+    ({"prompt": "hi", "model": "gpt-4"}, 404),
+])
+def test_bad_input_gets_status_and_openai_error_body(server, client, body, status):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    ok = client.completions.create(model="tiny", prompt="hello", max_tokens=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_malformed_json_and_api_key(server):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", content=b"{not json", headers={
+        "Authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}).status_code == 401
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_models_tokenize_detokenize(server, client):
+    base, _ = server
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    tok = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    assert httpx.post(f"{base}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Hello world"
+
+
+def _wait_idle(base: str) -> None:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if _metric(base, "pagedllm:kv_cache_usage_perc") == 0 and _metric(base, "pagedllm:num_requests_running") == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail("blocks still in use after the client left")
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    base, _ = server
+    body = {"prompt": PROMPTS[2], "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert _metric(base, "pagedllm:kv_cache_usage_perc") > 0
+    _wait_idle(base)
+
+
+def test_disconnect_while_waiting_for_non_streamed_answer_frees_blocks(server):
+    base, _ = server
+    body = {"prompt": PROMPTS[3], "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5)
+    _wait_idle(base)
+
+
+def test_metrics_exposed(server, client):
+    base, _ = server
+    client.completions.create(model="tiny", prompt="hello", max_tokens=4)
+    text = httpx.get(f"{base}/metrics").text
+    for name in ("pagedllm:num_requests_running", "pagedllm:num_requests_waiting", "pagedllm:kv_cache_usage_perc",
+                 "pagedllm:num_preemptions_total", "pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
+                 "pagedllm:prefix_cache_queries_total", "pagedllm:prefix_cache_hits_total",
+                 "pagedllm:time_to_first_token_seconds_bucket", "pagedllm:time_per_output_token_seconds_count",
+                 "pagedllm:e2e_request_latency_seconds_sum"):
+        assert name in text, name
+    assert _metric(base, "pagedllm:generation_tokens_total") > 0
+
+
+def test_sigterm_shuts_down_gracefully(server):
+    base, proc = server
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=20)
+    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down cleanly
+    assert "shutting down: aborting" in proc.stdout.read()
+
+
+def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine = LLMEngine(EngineArgs(model=tiny_models["llama"], dtype="float32", max_model_len=256))
+    real, calls = engine.runner.execute, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    with TestClient(build_app(engine)) as http:
+        bad = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+        assert bad.status_code == 500 and "simulated device fault" in bad.json()["error"]["message"]
+        good = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] > 0
+        assert http.get("/health").status_code == 200
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_embedded_model_chat_through_server():
+    from fastapi.testclient import TestClient
+
+    from pagedllm.config import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine = LLMEngine(EngineArgs(max_model_len=512, dtype="float32"))
+    with TestClient(build_app(engine)) as http:
+        r = http.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
