@@ -16,7 +16,7 @@ def _run_prefill(bm: BlockManager, seq) -> None:
     cached = bm.find_cached_prefix(seq)
     bm.allocate(seq, seq.num_tokens - len(cached) * bm.block_size, cached)
     seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
+    bm.cache_full_blocks(seq, seq.num_tokens)
 
 
 def test_prefix_hit_reuses_full_blocks_but_not_the_last_token():

@@ -68,17 +68,25 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the blocks the sequence has completely computed, so later requests can reuse them."""
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the sequence's blocks that the first `num_tokens` tokens fill. Called when they are
+        scheduled: every layer writes a step's K/V before it attends, so a request admitted in the same
+        step may already read them."""
         if not self.enable_prefix_caching:
             return
-        bs, num_full = self.block_size, seq.num_computed_tokens // self.block_size
+        bs, num_full = self.block_size, num_tokens // self.block_size
         for i, h in enumerate(self._hashes(seq, num_full)[seq.num_hashed_blocks:], start=seq.num_hashed_blocks):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash, block.token_ids = h, tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 self.cached.setdefault(h, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (after a failed step whose K/V may never have been written)."""
+        self.cached.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
 
     # ---- allocation -----------------------------------------------------------------------
     def _take_free(self) -> int:

@@ -198,6 +198,7 @@ class LLMEngine:
             result = self.runner.execute(batch, out.blocks_to_copy, rows)
         except Exception as exc:  # a failing step fails only the requests in it
             logger.exception("engine step failed")
+            self.block_manager.reset_prefix_cache()  # blocks registered for this step may hold no K/V
             return self._fail({s.seq.request for s in batch}, f"engine error: {exc}")
         self.scheduler.update_after_step(out)
         for parent, child in forks:

@@ -81,6 +81,7 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:  # preempted itself: nobody left to make room
                 break
             out.blocks_to_copy += bm.allocate(seq, num_new)
+            bm.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             i += 1
@@ -97,6 +98,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             out.blocks_to_copy += bm.allocate(seq, num_new, cached)
+            bm.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += len(cached) * bm.block_size
             if seq.request.num_cached_tokens == 0:
@@ -116,7 +118,6 @@ class Scheduler:
         """Account for the tokens just computed (their K/V are now in the pool)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(s.seq)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         self.block_manager.share_blocks(child)
