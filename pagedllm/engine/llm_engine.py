@@ -19,6 +19,7 @@ from pagedllm.memory.units import format_bytes
 from pagedllm.model_executor.model_runner import ModelRunner, SampleRow
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.platform import resolve_device, tune_cpu
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -42,8 +43,9 @@ class LLMEngine:
         self.args = args
         self.model_path = resolve_model(args.model)
         self.model_config = cfg = ModelConfig.from_folder(self.model_path)
-        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if args.device == "auto" else args.device))
+        self.device = resolve_device(args.device)
+        if self.device.type == "cpu":
+            tune_cpu()
         self.dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:

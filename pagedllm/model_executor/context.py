@@ -15,13 +15,15 @@ import torch
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the flattened pool
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor | None  # [D, max_blocks]
-    decode_key_mask: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size] True = attend
-    prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
-    prefill_query_index: torch.Tensor | None  # [P, max_q] flat prefill token for each padded query row
-    prefill_key_mask: torch.Tensor | None  # [P, 1, max_q, max_blocks*block_size] causal with cached prefix
-    prefill_unpad_index: torch.Tensor | None  # [num_prefill_tokens] row in the padded [P*max_q] output
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks]
+    decode_attn_bias: torch.Tensor | None = None  # [1, D, 1, max_blocks*block_size]: 0 in the context, -inf past it
+    num_prefills: int = 0
+    prefill_query_index: torch.Tensor | None = None  # [P, max_q] flat prefill token of each padded query row
+    prefill_unpad_index: torch.Tensor | None = None  # [num_prefill_tokens] row in the padded [P*max_q] output
+    # Only when some prompt chunk follows cached tokens (else attention stays within each chunk):
+    prefill_block_tables: torch.Tensor | None = None  # [P, max_blocks]
+    prefill_key_mask: torch.Tensor | None = None  # [P, 1, max_q, max_blocks*block_size] causal, offset by the cache
 
 
 _CONTEXT: AttentionMetadata | None = None

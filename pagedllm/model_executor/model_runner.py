@@ -37,7 +37,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         attn = self.attn_layers[0]
-        shape = (len(self.attn_layers), 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        shape = (len(self.attn_layers), 2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.block_size = block_size
         for i, layer in enumerate(self.attn_layers):
@@ -46,7 +46,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        self.kv_cache[:, :, :, dst] = self.kv_cache[:, :, :, src]
 
     @torch.inference_mode()
     def profile_peak_activations(self, num_tokens: int, max_model_len: int, block_size: int) -> int:
@@ -94,24 +94,24 @@ class ModelRunner:
         slots = tables[row, positions // bs] * bs + positions % bs
 
         d = next((i for i, n in enumerate(lens) if n != 1), len(lens))
-        meta = AttentionMetadata(slots.to(dev), d, None, None, None, None, None, None)
+        meta = AttentionMetadata(slot_mapping=slots.to(dev), num_decode_tokens=d)
         if d:
             nb = -(-int(ctx_lens[:d].max()) // bs)
             meta.decode_block_tables = tables[:d, :nb].to(dev)
-            meta.decode_key_mask = (torch.arange(nb * bs) < ctx_lens[:d, None]).view(d, 1, 1, -1).to(dev)
+            past = torch.arange(nb * bs) >= ctx_lens[:d, None]
+            meta.decode_attn_bias = torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, d, 1, -1).to(dev)
         if d < len(batch):
             p_lens, p_starts = lens_t[d:], starts_t[d:]
-            max_q = int(p_lens.max())
-            nb = -(-int(ctx_lens[d:].max()) // bs)
-            p_first = first[d:] - first[d]
-            q_idx = p_first[:, None] + torch.arange(max_q)[None, :]
-            num_p = int(p_lens.sum())
-            key_pos = torch.arange(nb * bs)
-            mask = key_pos[None, None, :] <= (p_starts[:, None, None] + torch.arange(max_q)[None, :, None])
-            meta.prefill_block_tables = tables[d:, :nb].to(dev)
+            max_q, num_p = int(p_lens.max()), int(p_lens.sum())
+            q_idx = (first[d:] - first[d])[:, None] + torch.arange(max_q)[None, :]
+            meta.num_prefills = len(batch) - d
             meta.prefill_query_index = q_idx.clamp_(max=num_p - 1).to(dev)
-            meta.prefill_key_mask = mask.unsqueeze(1).to(dev)
             meta.prefill_unpad_index = ((row[first[d]:] - d) * max_q + offset[first[d]:]).to(dev)
+            if bool((p_starts > 0).any()):  # some chunk follows cached tokens: attend over gathered blocks
+                nb = -(-int(ctx_lens[d:].max()) // bs)
+                visible = torch.arange(nb * bs)[None, None, :] <= (p_starts[:, None, None] + torch.arange(max_q)[None, :, None])
+                meta.prefill_block_tables = tables[d:, :nb].to(dev)
+                meta.prefill_key_mask = visible.unsqueeze(1).to(dev)
         return input_ids.to(dev), positions.to(dev), meta
 
     # ---- step -------------------------------------------------------------------------------

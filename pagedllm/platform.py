@@ -1,0 +1,51 @@
+"""Device choice and CPU tuning done once at engine start."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("pagedllm")
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
+_tuned = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def tune_cpu() -> None:
+    """Keep freed memory in the process instead of returning it to the kernel.
+
+    Each forward pass allocates and frees the same tens of megabytes of activations; with glibc's
+    defaults those large blocks are mmap'ed and unmapped every time, and touching fresh pages
+    costs more than the math (measured: a 64-sequence decode step of the embedded model took
+    0.43 s with the defaults, 0.13 s with this)."""
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        ok = all(libc.mallopt(param, value) == 1 for param, value in (
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 512 << 20)))
+    except (OSError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        logger.debug("mallopt unavailable (not glibc?): CPU allocator left as it is")
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
