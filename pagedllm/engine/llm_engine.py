@@ -183,7 +183,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        batch = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        # decodes first, by context length; then prompt chunks, by length (see model_executor/context.py)
+        batch = sorted(out.scheduled, key=lambda s: (s.num_new_tokens != 1, s.num_new_tokens, s.seq.num_computed_tokens))
         rows, forks = [], []
         for i, s in enumerate(batch):
             if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:

@@ -1,10 +1,10 @@
 """Paged attention: write this step's K/V into pool slots, read each sequence's K/V through its block table.
 
-One layer's pool is [kv_heads, num_blocks, block_size, head_dim]: gathering a batch's blocks
-with one index_select yields [kv_heads, batch, context, head_dim], which batched matmuls use in
-place (no per-sequence loop, no transposed copies). Three paths share a step:
+One layer's pool is [kv_heads, num_blocks, block_size, head_dim]: one index_select of whole
+block rows yields a bucket's K/V as [kv_heads, batch, context, head_dim], which batched matmuls
+use in place. Per bucket of similar-length sequences (see model_executor/context.py):
 - decodes (one query each): two batched matmuls and a softmax over the gathered context;
-- fresh prompt chunks (nothing cached before them): causal SDPA on the chunk's own q/k/v;
+- fresh prompt chunks (nothing cached before them): causal SDPA on the chunks' own q/k/v;
 - other prompt chunks (after a cached prefix or an earlier chunk): SDPA over the gathered
   context with a causal mask offset by what was already computed.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model_executor.context import AttentionMetadata, get_attention_metadata
+from pagedllm.model_executor.context import DecodeBucket, PrefillBucket, get_attention_metadata
 
 
 class PagedAttention(nn.Module):
@@ -33,35 +33,37 @@ class PagedAttention(nn.Module):
         kvh, hd = self.num_kv_heads, self.head_dim
         self.k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        d = meta.num_decode_tokens
         out = torch.empty_like(q)
-        if d:
-            out[:d] = self._decode(q[:d], meta)
-        if meta.num_prefills:
-            qp = q[d:][meta.prefill_query_index]  # [P, max_q, heads, head_dim], right-padded
-            if meta.prefill_block_tables is None:
-                o = F.scaled_dot_product_attention(
-                    qp.transpose(1, 2), k[d:][meta.prefill_query_index].transpose(1, 2),
-                    v[d:][meta.prefill_query_index].transpose(1, 2),
-                    is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
-            else:
-                keys, values = self._gather(meta.prefill_block_tables)
-                o = F.scaled_dot_product_attention(
-                    qp.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
-                    attn_mask=meta.prefill_key_mask, scale=self.scale, enable_gqa=self.group > 1)
-            out[d:] = o.transpose(1, 2).reshape(-1, self.num_heads, hd)[meta.prefill_unpad_index]
+        for bucket in meta.decode:
+            out[bucket.tokens] = self._decode(q[bucket.tokens], bucket)
+        for bucket in meta.prefill:
+            t = bucket.tokens
+            out[t] = self._prefill(q[t], k[t], v[t], bucket)
         return out.view(q.shape[0], -1)
 
-    def _gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the sequences in `block_tables`: [kv_heads, batch, blocks * block_size, head_dim]."""
-        b, idx = block_tables.shape[0], block_tables.reshape(-1)
-        shape = (self.num_kv_heads, b, -1, self.head_dim)
-        return self.k_cache.index_select(1, idx).view(shape), self.v_cache.index_select(1, idx).view(shape)
+    def _gather(self, index: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `batch` sequences as [kv_heads, batch, context, head_dim]; `index` addresses the pool
+        viewed as [kv_heads * num_blocks] rows, so one contiguous-row index_select serves every head."""
+        shape = (self.num_kv_heads, batch, -1, self.head_dim)
+        row = self.k_cache.shape[2] * self.head_dim
+        return (self.k_cache.view(-1, row).index_select(0, index).view(shape),
+                self.v_cache.view(-1, row).index_select(0, index).view(shape))
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, bucket: DecodeBucket) -> torch.Tensor:
         b = q.shape[0]
-        keys, values = self._gather(meta.decode_block_tables)
+        keys, values = self._gather(bucket.gather_index, b)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim).transpose(0, 1)  # [kv_heads, b, group, hd]
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale + meta.decode_attn_bias
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale + bucket.attn_bias
         probs = scores.softmax(-1).to(q.dtype)
         return torch.matmul(probs, values).transpose(0, 1).reshape(b, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: PrefillBucket) -> torch.Tensor:
+        qp = q[bucket.query_index].transpose(1, 2)  # [B, heads, max_q, hd]
+        if bucket.gather_index is None:
+            kp, vp = k[bucket.query_index].transpose(1, 2), v[bucket.query_index].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
+        else:
+            keys, values = self._gather(bucket.gather_index, qp.shape[0])
+            o = F.scaled_dot_product_attention(qp, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=bucket.key_mask,
+                                               scale=self.scale, enable_gqa=self.group > 1)
+        return o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)[bucket.unpad_index]

@@ -1,29 +1,41 @@
 """Per-step attention metadata, set once by the model runner and read by every attention layer.
 
 A step's tokens are laid out flat: first one token per decoding sequence, then the prompt chunks
-of the prefilling sequences, each contiguous. Decodes and prefill chunks run in one forward pass.
+of the prefilling sequences, each contiguous. Sequences of similar length are grouped into
+buckets so that padding to a bucket's longest member wastes little; each bucket is one batched
+attention call.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
+class DecodeBucket:
+    tokens: slice  # this bucket's tokens in the step's flat layout (one per sequence)
+    gather_index: torch.Tensor  # [kv_heads * B * max_blocks] rows of the head-major pool
+    attn_bias: torch.Tensor  # [1, B, 1, max_blocks * block_size]: 0 inside each context, -inf past it
+
+
+@dataclass
+class PrefillBucket:
+    tokens: slice  # this bucket's prompt chunks, contiguous in the flat layout
+    query_index: torch.Tensor  # [B, max_q] token (within `tokens`) of each padded query row, right-padded
+    unpad_index: torch.Tensor  # [n tokens] row of each token in the padded [B * max_q] output
+    # Only when some chunk follows cached tokens; otherwise attention stays within each chunk:
+    gather_index: torch.Tensor | None = None  # [kv_heads * B * max_blocks]
+    key_mask: torch.Tensor | None = None  # [B, 1, max_q, max_blocks * block_size] causal, offset by the cache
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the flattened pool
-    num_decode_tokens: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks]
-    decode_attn_bias: torch.Tensor | None = None  # [1, D, 1, max_blocks*block_size]: 0 in the context, -inf past it
-    num_prefills: int = 0
-    prefill_query_index: torch.Tensor | None = None  # [P, max_q] flat prefill token of each padded query row
-    prefill_unpad_index: torch.Tensor | None = None  # [num_prefill_tokens] row in the padded [P*max_q] output
-    # Only when some prompt chunk follows cached tokens (else attention stays within each chunk):
-    prefill_block_tables: torch.Tensor | None = None  # [P, max_blocks]
-    prefill_key_mask: torch.Tensor | None = None  # [P, 1, max_q, max_blocks*block_size] causal, offset by the cache
+    decode: list[DecodeBucket] = field(default_factory=list)
+    prefill: list[PrefillBucket] = field(default_factory=list)
 
 
 _CONTEXT: AttentionMetadata | None = None

@@ -11,7 +11,8 @@ from pagedllm.engine.scheduler import ScheduledSeq
 from pagedllm.engine.sequence import Sequence
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
-from pagedllm.model_executor.context import AttentionMetadata, attention_metadata
+from pagedllm.model_executor.context import attention_metadata
+from pagedllm.model_executor.input_builder import InputBuilder
 from pagedllm.model_loader.weights import build_model
 
 
@@ -40,6 +41,7 @@ class ModelRunner:
         shape = (len(self.attn_layers), 2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.block_size = block_size
+        self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
@@ -74,52 +76,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
-    # ---- inputs -----------------------------------------------------------------------------
-    def _prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flat token layout: decodes (one query each) first, then prompt chunks. `batch` is in that order."""
-        dev, bs = self.device, self.block_size
-        starts = [s.seq.num_computed_tokens for s in batch]
-        lens = [s.num_new_tokens for s in batch]
-        input_ids = torch.tensor(
-            [t for s, a, n in zip(batch, starts, lens) for t in s.seq.token_ids[a:a + n]], dtype=torch.long
-        )
-        width = max(len(s.seq.block_table) for s in batch)
-        tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch])
-        starts_t, lens_t = torch.tensor(starts), torch.tensor(lens)
-        ctx_lens = starts_t + lens_t
-        row = torch.repeat_interleave(torch.arange(len(batch)), lens_t)  # batch row of every token
-        first = torch.cumsum(lens_t, 0) - lens_t
-        offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
-        positions = starts_t[row] + offset
-        slots = tables[row, positions // bs] * bs + positions % bs
-
-        d = next((i for i, n in enumerate(lens) if n != 1), len(lens))
-        meta = AttentionMetadata(slot_mapping=slots.to(dev), num_decode_tokens=d)
-        if d:
-            nb = -(-int(ctx_lens[:d].max()) // bs)
-            meta.decode_block_tables = tables[:d, :nb].to(dev)
-            past = torch.arange(nb * bs) >= ctx_lens[:d, None]
-            meta.decode_attn_bias = torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, d, 1, -1).to(dev)
-        if d < len(batch):
-            p_lens, p_starts = lens_t[d:], starts_t[d:]
-            max_q, num_p = int(p_lens.max()), int(p_lens.sum())
-            q_idx = (first[d:] - first[d])[:, None] + torch.arange(max_q)[None, :]
-            meta.num_prefills = len(batch) - d
-            meta.prefill_query_index = q_idx.clamp_(max=num_p - 1).to(dev)
-            meta.prefill_unpad_index = ((row[first[d]:] - d) * max_q + offset[first[d]:]).to(dev)
-            if bool((p_starts > 0).any()):  # some chunk follows cached tokens: attend over gathered blocks
-                nb = -(-int(ctx_lens[d:].max()) // bs)
-                visible = torch.arange(nb * bs)[None, None, :] <= (p_starts[:, None, None] + torch.arange(max_q)[None, :, None])
-                meta.prefill_block_tables = tables[d:, :nb].to(dev)
-                meta.prefill_key_mask = visible.unsqueeze(1).to(dev)
-        return input_ids.to(dev), positions.to(dev), meta
-
     # ---- step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], rows: list[SampleRow]) -> SamplerOutput | None:
         if copies:
             self.copy_blocks(copies)
-        input_ids, positions, meta = self._prepare(batch)
+        input_ids, positions, meta = self.inputs.build(batch)
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
         if not rows:

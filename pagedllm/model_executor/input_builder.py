@@ -1,0 +1,77 @@
+"""Turn a scheduled batch into the step's tensors: token ids, positions, slots and attention buckets.
+
+Per-token quantities are computed with tensor ops from per-sequence starts and lengths; Python
+only walks the (few dozen) sequences to collect their token ids and block tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.engine.scheduler import ScheduledSeq
+from pagedllm.model_executor.context import AttentionMetadata, DecodeBucket, PrefillBucket
+
+MAX_PADDING = 0.25  # a bucket may pad its members by at most this fraction of their real size
+
+
+def buckets(sizes: list[int], max_padding: float = MAX_PADDING) -> list[tuple[int, int]]:
+    """Split ascending `sizes` into runs [a, b) whose padding to the run's largest stays small."""
+    runs, a, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > a and n * (i + 1 - a) > (1 + max_padding) * (total + n):
+            runs.append((a, i))
+            a, total = i, 0
+        total += n
+    if sizes:
+        runs.append((a, len(sizes)))
+    return runs
+
+
+class InputBuilder:
+    def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device):
+        self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
+
+    def _gather_index(self, tables: torch.Tensor) -> torch.Tensor:
+        """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
+        return (torch.arange(self.kv_heads)[:, None] * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
+
+    def build(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`batch` must hold its decodes (one new token) first, sorted by context length, then its prompt
+        chunks sorted by length."""
+        dev, bs = self.device, self.block_size
+        starts = torch.tensor([s.seq.num_computed_tokens for s in batch])
+        lens = torch.tensor([s.num_new_tokens for s in batch])
+        input_ids = torch.tensor([t for s in batch for t in
+                                  s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]])
+        width = max(len(s.seq.block_table) for s in batch)
+        tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch])
+        ctx = starts + lens
+        row = torch.repeat_interleave(torch.arange(len(batch)), lens)  # batch row of every token
+        first = torch.cumsum(lens, 0) - lens  # first token of every row
+        offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
+        positions = starts[row] + offset
+        slots = tables[row, positions // bs] * bs + positions % bs
+        meta = AttentionMetadata(slot_mapping=slots.to(dev))
+
+        d = next((i for i, s in enumerate(batch) if s.num_new_tokens != 1), len(batch))
+        for a, b in buckets(ctx[:d].tolist()):
+            nb = -(-int(ctx[a:b].max()) // bs)
+            past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
+            meta.decode.append(DecodeBucket(
+                tokens=slice(a, b), gather_index=self._gather_index(tables[a:b, :nb]).to(dev),
+                attn_bias=torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, b - a, 1, -1).to(dev)))
+        for a, b in buckets(lens[d:].tolist()):
+            a, b = a + d, b + d
+            t0, t1 = int(first[a]), int(first[b - 1] + lens[b - 1])
+            max_q = int(lens[a:b].max())
+            q_rows = (first[a:b] - t0)[:, None] + torch.arange(max_q)[None, :]
+            bucket = PrefillBucket(
+                tokens=slice(t0, t1), query_index=q_rows.clamp_(max=t1 - t0 - 1).to(dev),
+                unpad_index=((row[t0:t1] - a) * max_q + offset[t0:t1]).to(dev))
+            if bool((starts[a:b] > 0).any()):
+                nb = -(-int(ctx[a:b].max()) // bs)
+                visible = torch.arange(nb * bs)[None, None, :] <= (starts[a:b, None, None] + torch.arange(max_q)[None, :, None])
+                bucket.gather_index = self._gather_index(tables[a:b, :nb]).to(dev)
+                bucket.key_mask = visible.unsqueeze(1).to(dev)
+            meta.prefill.append(bucket)
+        return input_ids.to(dev), positions.to(dev), meta
