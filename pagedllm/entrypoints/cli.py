@@ -1,4 +1,4 @@
-"""`pagedllm` command line: generate, chat, plan, serve."""
+"""`pagedllm` command line: generate, chat, plan, serve, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from pagedllm.benchmarks.cli import add_bench_parser
 from pagedllm.entrypoints.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
 from pagedllm.entrypoints.openai.api_server import add_serve_parser
 from pagedllm.entrypoints.plan import add_plan_parser
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""`pagedllm bench {throughput,latency,serve}`."""
+
+from __future__ import annotations
+
+from pagedllm.benchmarks.offline import cmd_latency, cmd_throughput
+from pagedllm.benchmarks.serving import cmd_serve_bench
+from pagedllm.benchmarks.workloads import add_workload_args
+from pagedllm.entrypoints.cli_args import add_engine_args
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve").add_subparsers(dest="bench", required=True)
+
+    t = bench.add_parser("throughput", help="offline throughput on a workload (default W1)")
+    add_engine_args(t)
+    add_workload_args(t)
+    t.add_argument("--compare", choices=["hf"], default=None, help="run the workload through HF transformers too")
+    t.add_argument("--skip-hf-continuous", action="store_true", help="with --compare hf: skip HF's generate_batch")
+    t.add_argument("--output-json", default=None)
+    t.set_defaults(func=cmd_throughput)
+
+    lat = bench.add_parser("latency", help="one request: time to first token and per output token")
+    add_engine_args(lat)
+    add_workload_args(lat, num_prompts=1)
+    lat.set_defaults(input_len=[128, 128])
+    lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--compare", choices=["hf"], default=None)
+    lat.add_argument("--output-json", default=None)
+    lat.set_defaults(func=cmd_latency)
+
+    s = bench.add_parser("serve", help="load a running server through the OpenAI API")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (default: all at once)")
+    s.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
+    add_workload_args(s)
+    s.add_argument("--output-json", default=None)
+    s.set_defaults(func=cmd_serve_bench)

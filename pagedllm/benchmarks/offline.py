@@ -1,0 +1,153 @@
+"""`pagedllm bench throughput` and `bench latency`: the offline engine, with the machine's limits and HF beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pagedllm.benchmarks import hf_baseline, roofline
+from pagedllm.benchmarks.workloads import Workload, make_workload
+from pagedllm.entrypoints.cli_args import engine_args_from
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.sampling_params import SamplingParams
+
+
+def _llm(ns: argparse.Namespace) -> LLM:
+    return LLM(**vars(engine_args_from(ns)))
+
+
+def _run(llm: LLM, w: Workload, use_tqdm: bool = True) -> float:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=use_tqdm)
+    elapsed = time.perf_counter() - start
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == w.num_output_tokens
+    return elapsed
+
+
+def _write(ns: argparse.Namespace, result: dict) -> None:
+    result["command"] = "pagedllm " + " ".join(sys.argv[1:]) if sys.argv and "pagedllm" in sys.argv[0] else None
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results written to {ns.output_json}")
+
+
+def _warm_up(llm: LLM, w: Workload) -> None:
+    _run(llm, Workload([p[:64] for p in w.prompts[:4]], [4] * min(4, len(w.prompts))), use_tqdm=False)
+
+
+def cmd_throughput(ns: argparse.Namespace) -> None:
+    llm = _llm(ns)
+    engine = llm.engine
+    w = make_workload(ns, engine.model_config.vocab_size)
+    _warm_up(llm, w)
+    hits0 = engine.scheduler.prefix_hits
+    elapsed = _run(llm, w)
+    result = {
+        "benchmark": "throughput", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "num_prompts": len(w.prompts), "prompt_tokens": w.num_prompt_tokens, "output_tokens": w.num_output_tokens,
+        "elapsed_s": elapsed, "requests_per_s": len(w.prompts) / elapsed, "output_tok_s": w.num_output_tokens / elapsed,
+        "total_tok_s": (w.num_prompt_tokens + w.num_output_tokens) / elapsed,
+        "prefix_cache_hit_tokens": engine.scheduler.prefix_hits - hits0,
+        "settings": {"max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+                     "enable_prefix_caching": ns.enable_prefix_caching, "enable_chunked_prefill": ns.enable_chunked_prefill,
+                     "shared_prefix_len": ns.shared_prefix_len, "input_len": ns.input_len, "output_len": ns.output_len},
+    }
+    cfg = engine.model_config
+    limits = roofline.machine_limits(cfg, engine.dtype, engine.device, min(len(w.prompts), ns.max_num_seqs))
+    roof = roofline.throughput_roofline(cfg, limits, w.num_prompt_tokens, w.num_output_tokens)
+    result["limits"] = limits
+    result["roofline"] = {**roof, "fraction": result["output_tok_s"] / roof["max_output_tok_s"],
+                          "achieved_flops": roof["model_flops"] / elapsed}
+    if ns.compare == "hf":
+        folder = engine.model_path
+        del llm, engine
+        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns))
+        hf = {"static_batch_16_s": hf_baseline.static_batches(model, w)}
+        if not ns.skip_hf_continuous:
+            hf["generate_batch_s"] = hf_baseline.continuous_batching(model, w)
+        for key in list(hf):
+            hf[key.replace("_s", "_output_tok_s")] = w.num_output_tokens / hf[key]
+            hf["speedup_vs_" + key.removesuffix("_s")] = result["output_tok_s"] / hf[key.replace("_s", "_output_tok_s")]
+        result["hf"] = hf
+    _print_throughput(result)
+    _write(ns, result)
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _device(ns: argparse.Namespace):
+    from pagedllm.platform import resolve_device
+
+    return resolve_device(ns.device)
+
+
+def _print_throughput(r: dict) -> None:
+    lim, roof = r["limits"], r["roofline"]
+    b = lim["decode_batch"]
+    print(f"\n{r['model']} ({r['dtype']}): {r['num_prompts']} requests, {r['prompt_tokens']} prompt + "
+          f"{r['output_tokens']} output tokens in {r['elapsed_s']:.1f} s")
+    print(f"  output {r['output_tok_s']:.1f} tok/s | total {r['total_tok_s']:.1f} tok/s | {r['requests_per_s']:.2f} req/s")
+    print(f"  machine: matmul {lim['matmul_flops_1_token'] / 1e9:.0f} / {lim[f'matmul_flops_{b}_tokens'] / 1e9:.0f} / "
+          f"{lim['matmul_flops_1024_tokens'] / 1e9:.0f} GFLOP/s at 1 / {b} / 1024 tokens; "
+          f"copy {lim['copy_bandwidth'] / 1e9:.1f} GB/s")
+    print(f"  roofline {roof['max_output_tok_s']:.0f} output tok/s -> we reach {100 * roof['fraction']:.0f} % "
+          f"({roof['achieved_flops'] / 1e9:.0f} GFLOP/s of model matmuls)")
+    if "hf" in r:
+        hf = r["hf"]
+        for key in ("static_batch_16", "generate_batch"):
+            if f"{key}_output_tok_s" in hf:
+                print(f"  HF {key}: {hf[f'{key}_output_tok_s']:.1f} tok/s -> pagedllm is {hf[f'speedup_vs_{key}']:.1f}x")
+
+
+def cmd_latency(ns: argparse.Namespace) -> None:
+    llm = _llm(ns)
+    engine = llm.engine
+    w = make_workload(ns, engine.model_config.vocab_size)
+    prompt, n = w.prompts[0], w.output_lens[0]
+    if n < 2:
+        raise ValueError("--output-len must be at least 2 to measure time per output token")
+    _warm_up(llm, w)
+    ttfts, tpots = [], []
+    for _ in range(ns.num_iters):
+        rid = engine.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        start, first, done = time.perf_counter(), None, None
+        while done is None:
+            for out in engine.step():
+                if out.request_id == rid:
+                    first = first or time.perf_counter()
+                    done = time.perf_counter() if out.finished else None
+        ttfts.append(first - start)
+        tpots.append((done - first) / (n - 1))
+    weight_bytes = engine.runner.weight_bytes
+    bandwidth = roofline.copy_bandwidth(engine.device)
+    tpot = sorted(tpots)[len(tpots) // 2]
+    result = {
+        "benchmark": "latency", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "prompt_tokens": len(prompt), "output_tokens": n, "iterations": ns.num_iters,
+        "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tpot_s": tpot, "decode_tok_s": 1 / tpot,
+        "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth,
+        "bandwidth_limit_tok_s": bandwidth / weight_bytes, "bandwidth_fraction": (weight_bytes / tpot) / bandwidth,
+    }
+    print(f"\n{result['model']} ({result['dtype']}), one request of {len(prompt)} prompt tokens, {n} output tokens "
+          f"(median of {ns.num_iters}):")
+    print(f"  time to first token {1000 * result['ttft_s']:.1f} ms | time per output token {1000 * tpot:.2f} ms "
+          f"({result['decode_tok_s']:.1f} tok/s)")
+    print(f"  weights {weight_bytes / 1e6:.0f} MB per token at {bandwidth / 1e9:.1f} GB/s -> limit "
+          f"{result['bandwidth_limit_tok_s']:.1f} tok/s; we reach {100 * result['bandwidth_fraction']:.0f} %")
+    if ns.compare == "hf":
+        folder = engine.model_path
+        del llm, engine
+        hf = hf_baseline.single_request_tpot(hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns)), prompt, n)
+        hf["decode_tok_s"] = 1 / hf["tpot_s"]
+        result["hf"] = hf
+        print(f"  HF generate batch 1: TTFT {1000 * hf['ttft_s']:.1f} ms, {hf['decode_tok_s']:.1f} tok/s -> pagedllm "
+              f"decodes {result['decode_tok_s'] / hf['decode_tok_s']:.1f}x faster")
+    _write(ns, result)

@@ -1,0 +1,84 @@
+"""The machine's limits, measured in the same run as the benchmark: matmul FLOP/s at the model's own
+linear shapes, and memory copy bandwidth. From them, the best throughput the work could reach."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.config import ModelConfig
+
+
+def layer_linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's matmuls (fused QKV, output, fused gate/up, down)."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Weights each token multiplies through (all layers), without the LM head (only sampled tokens need it)."""
+    return cfg.num_layers * sum(a * b for a, b in layer_linear_shapes(cfg))
+
+
+def _timed(fn, min_seconds: float = 0.3) -> float:
+    fn()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / n
+
+
+@torch.inference_mode()
+def matmul_flops(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of one decoder layer's linear layers on `tokens` rows, as the model runs them."""
+    weights = [torch.randn(o, i, dtype=dtype, device=device) for i, o in layer_linear_shapes(cfg)]
+    inputs = [torch.randn(tokens, i, dtype=dtype, device=device) for i, _ in layer_linear_shapes(cfg)]
+
+    def run():
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    flops = 2 * tokens * sum(w.numel() for w in weights)
+    return flops / _timed(run)
+
+
+@torch.inference_mode()
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes copied per second between two large buffers (each byte is read once and written once)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return nbytes / _timed(run)
+
+
+def machine_limits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, decode_batch: int) -> dict:
+    return {
+        "matmul_flops_1_token": matmul_flops(cfg, 1, dtype, device),
+        f"matmul_flops_{decode_batch}_tokens": matmul_flops(cfg, decode_batch, dtype, device),
+        "matmul_flops_1024_tokens": matmul_flops(cfg, 1024, dtype, device),
+        "copy_bandwidth": copy_bandwidth(device),
+        "decode_batch": decode_batch,
+    }
+
+
+def throughput_roofline(cfg: ModelConfig, limits: dict, prompt_tokens: int, output_tokens: int) -> dict:
+    """Fastest possible time for the workload's matmuls: prompts at the large-batch rate, generated tokens
+    (plus their LM head) at the decode-batch rate. Attention is left out (small at these lengths)."""
+    per_token = 2 * matmul_params_per_token(cfg)
+    lm_head = 2 * cfg.hidden_size * cfg.vocab_size
+    t_prefill = prompt_tokens * per_token / limits["matmul_flops_1024_tokens"]
+    t_decode = output_tokens * (per_token + lm_head) / limits[f"matmul_flops_{limits['decode_batch']}_tokens"]
+    return {"model_flops": prompt_tokens * per_token + output_tokens * (per_token + lm_head),
+            "min_seconds": t_prefill + t_decode, "max_output_tok_s": output_tokens / (t_prefill + t_decode)}
