@@ -140,8 +140,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.quantization is not None:
-            raise ValueError(f"quantization {self.quantization!r} is not supported yet")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) != 1:
                 raise ValueError(f"{name} > 1 is not supported yet")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pagedllm import LLM
+from pagedllm import LLM, SamplingParams
 from pagedllm.memory import PlanSettings, make_plan
 from pagedllm.model_loader.resolve import model_config_for
 
@@ -107,3 +107,19 @@ def test_max_model_len_that_cannot_fit_fails_clearly(tiny_models):
     r = subprocess.run(CLI + ["generate", "hi", "--model", tiny_models["qwen3"], "--max-model-len", "512",
                               "--kv-cache-memory", "64KiB"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--kv-cache-memory" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_int8_planner_matches_engine_and_generates(tiny_models, arch):
+    llm = LLM(tiny_models[arch], quantization="int8", max_model_len=256, kv_cache_memory=1 << 20)
+    plan = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="int8", max_model_len=256))
+    assert plan["devices"][0]["weight_bytes"] == llm.engine.runner.weight_bytes
+    bf16 = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="bf16"))["devices"][0]["weight_bytes"]
+    assert llm.engine.runner.weight_bytes < 0.6 * bf16
+    ref = LLM(tiny_models[arch], dtype="bfloat16", max_model_len=256, kv_cache_memory=1 << 20)
+    prompt = {"prompt_token_ids": [5, 17, 300, 4000, 22, 9]}
+    a = ref.engine.score(prompt["prompt_token_ids"])
+    b = llm.engine.score(prompt["prompt_token_ids"])
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5

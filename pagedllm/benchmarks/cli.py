@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pagedllm.benchmarks.offline import cmd_latency, cmd_throughput
+from pagedllm.benchmarks.quality import cmd_int8
 from pagedllm.benchmarks.serving import cmd_serve_bench
 from pagedllm.benchmarks.workloads import add_workload_args
 from pagedllm.entrypoints.cli_args import add_engine_args
@@ -37,3 +38,8 @@ def add_bench_parser(sub) -> None:
     add_workload_args(s)
     s.add_argument("--output-json", default=None)
     s.set_defaults(func=cmd_serve_bench)
+
+    q = bench.add_parser("int8", help="int8 weight-only vs bf16: top-1 agreement and logit differences")
+    q.add_argument("--model", default=None)
+    q.add_argument("--output-json", default=None)
+    q.set_defaults(func=cmd_int8)

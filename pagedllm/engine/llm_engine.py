@@ -11,7 +11,7 @@ import torch
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
-from pagedllm.engine.scheduler import Scheduler, SchedulerConfig
+from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.layers.sampler import SamplerOutput
 from pagedllm.memory.kv_sizing import cpu_default_kv_budget, kv_bytes_per_token
@@ -47,6 +47,8 @@ class LLMEngine:
         if self.device.type == "cpu":
             tune_cpu()
         self.dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+        if args.quantization == "int8" and args.dtype == "auto":
+            self.dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -62,7 +64,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        self.runner = ModelRunner(cfg, self.model_path, self.dtype, self.device, args.seed)
+        self.runner = ModelRunner(cfg, self.model_path, self.dtype, self.device, args.seed, args.quantization)
         num_blocks = self._num_kv_blocks(args, budget)
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -173,6 +175,20 @@ class LLMEngine:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
                     self.scheduler.finish(seq)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one prompt (teacher forcing), e.g. to compare precisions. Runs alone:
+        call it between steps, not while requests are in flight."""
+        seq = Request("score", None, list(token_ids), SamplingParams(max_tokens=1)).seqs[0]
+        if not self.block_manager.can_allocate(seq, seq.num_tokens):
+            raise ValueError("the prompt does not fit in the free KV blocks")
+        self.block_manager.allocate(seq, seq.num_tokens)
+        try:
+            hidden = self.runner.forward([ScheduledSeq(seq, seq.num_tokens)])
+            return self.runner.model.compute_logits(hidden).float()
+        finally:
+            self.block_manager.free(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_group
+from pagedllm.layers import quantization as quant
 from pagedllm.layers.linear import narrow
 
 
@@ -24,12 +25,18 @@ class VocabParallelEmbedding(nn.Module):
         rows = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
         param.data[:rows].copy_(narrow(loaded, 0, self.vocab_start, rows))
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)
+        if self.weight.dtype == torch.int8:  # int8 rows times their scale
+            return rows.to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
+        return rows
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
-        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = self._lookup(local.masked_fill(outside, 0))
         y.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(y)
 
@@ -38,5 +45,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; each rank computes its vocabulary slice, then they are gathered."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather_last_dim(quant.linear(hidden, self))
         return logits[..., : self.vocab_size]

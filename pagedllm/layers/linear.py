@@ -8,10 +8,10 @@ takes a full checkpoint tensor (or a lazy safetensors slice) and copies in only 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_group
+from pagedllm.layers import quantization as quant
 
 
 def narrow(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class LinearBase(nn.Module):
         param.data.copy_(narrow(loaded, self.tp_dim, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return quant.linear(x, self, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -100,5 +100,5 @@ class RowParallelLinear(LinearBase):
     tp_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(quant.linear(x, self))
         return y if self.bias is None else y + self.bias

@@ -23,9 +23,10 @@ class SampleRow:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 quantization: str | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.model = build_model(cfg, folder, dtype, device)
+        self.model = build_model(cfg, folder, dtype, device, quantization)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sampler = Sampler(seed)
         self.kv_cache: torch.Tensor | None = None
@@ -78,12 +79,17 @@ class ModelRunner:
 
     # ---- step -------------------------------------------------------------------------------
     @torch.inference_mode()
+    def forward(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Hidden states of every scheduled token (their K/V are written into the pool)."""
+        input_ids, positions, meta = self.inputs.build(batch)
+        with attention_metadata(meta):
+            return self.model(input_ids, positions)
+
+    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], rows: list[SampleRow]) -> SamplerOutput | None:
         if copies:
             self.copy_blocks(copies)
-        input_ids, positions, meta = self.inputs.build(batch)
-        with attention_metadata(meta):
-            hidden = self.model(input_ids, positions)
+        hidden = self.forward(batch)
         if not rows:
             return None
         last = torch.cumsum(torch.tensor([s.num_new_tokens for s in batch]), 0) - 1

@@ -53,7 +53,8 @@ def load_weights(model: DecoderForCausalLM, folder: str) -> None:
         raise ValueError(f"checkpoint {folder} lacks weights for: {', '.join(missing[:5])}")
 
 
-def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device) -> DecoderForCausalLM:
+def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device,
+                quantization: str | None = None) -> DecoderForCausalLM:
     """Allocate the model directly in the target dtype and device, then load weights in place."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -63,4 +64,6 @@ def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch
     finally:
         torch.set_default_dtype(default_dtype)
     load_weights(model, folder)
+    if quantization == "int8":
+        model.quantize_int8_()
     return model.eval()

@@ -15,7 +15,8 @@ from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.layernorm import RMSNorm
-from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.quantization import quantize_module_
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
@@ -111,3 +112,13 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def quantize_int8_(self) -> None:
+        """int8 weight-only: every linear layer and the embedding / LM head (shared when tied)."""
+        for module in self.modules():
+            if isinstance(module, LinearBase) or module is self.model.embed_tokens or (
+                    module is self.lm_head and not self.config.tie_word_embeddings):
+                quantize_module_(module)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
