@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check pagedllm tests
+	$(BIN)/ruff check pagedllm tests benchmarks
 
 test: setup lint
 	$(BIN)/pytest -q tests

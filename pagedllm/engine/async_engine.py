@@ -66,7 +66,14 @@ class AsyncLLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        if not self._thread.is_alive() or self.error is not None:
+            return False
+        try:
+            self.engine.check_health()
+        except RuntimeError as exc:
+            self.error = exc
+            return False
+        return True
 
     # ---- called from the event loop -----------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
@@ -111,6 +118,7 @@ class AsyncLLMEngine:
         self._stop.set()
         self._commands.put((lambda e: None, None, None))
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # ---- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
+from pagedllm.distributed.executor import WorkerDiedError, make_executor
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -16,7 +17,7 @@ from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.layers.sampler import SamplerOutput
 from pagedllm.memory.kv_sizing import cpu_default_kv_budget, kv_bytes_per_token
 from pagedllm.memory.units import format_bytes
-from pagedllm.model_executor.model_runner import ModelRunner, SampleRow
+from pagedllm.model_executor.input_builder import StepInputs
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.platform import resolve_device, tune_cpu
@@ -37,18 +38,25 @@ def _load_tokenizer(path: str):
         return None
 
 
+def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch.device]:
+    """What every rank derives from the engine arguments: model facts, checkpoint folder, dtype, device."""
+    args.validate()
+    folder = resolve_model(args.model)
+    cfg = ModelConfig.from_folder(folder)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        tune_cpu()
+    dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+    if args.quantization == "int8" and args.dtype == "auto":
+        dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
+    return cfg, folder, dtype, device
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
-        args.validate()
         self.args = args
-        self.model_path = resolve_model(args.model)
-        self.model_config = cfg = ModelConfig.from_folder(self.model_path)
-        self.device = resolve_device(args.device)
-        if self.device.type == "cpu":
-            tune_cpu()
-        self.dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
-        if args.quantization == "int8" and args.dtype == "auto":
-            self.dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
+        cfg, self.model_path, self.dtype, self.device = engine_setup(args)
+        self.model_config = cfg
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -64,9 +72,14 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        self.runner = ModelRunner(cfg, self.model_path, self.dtype, self.device, args.seed, args.quantization)
-        num_blocks = self._num_kv_blocks(args, budget)
-        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        self.executor = make_executor(args, cfg, self.model_path, self.dtype, self.device)
+        self.runner = self.executor.runner  # rank 0's shard; it also samples
+        try:
+            num_blocks = self._num_kv_blocks(args, budget)
+            self.executor.allocate_kv_cache(num_blocks, args.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, budget, self.max_model_len, args.enable_chunked_prefill),
@@ -82,7 +95,7 @@ class LLMEngine:
         """Size the pool: an explicit block count; on CUDA what is left of device memory · utilisation
         after the loaded weights and the peak activations of a profiled forward pass; on the CPU
         --kv-cache-memory or the documented default."""
-        per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize)
+        per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, args.tensor_parallel_size)
         per_block = per_token * args.block_size
         weights = self.runner.weight_bytes
         if args.num_gpu_blocks_override is not None:
@@ -185,10 +198,18 @@ class LLMEngine:
             raise ValueError("the prompt does not fit in the free KV blocks")
         self.block_manager.allocate(seq, seq.num_tokens)
         try:
-            hidden = self.runner.forward([ScheduledSeq(seq, seq.num_tokens)])
+            hidden = self.runner.forward(StepInputs.from_batch([ScheduledSeq(seq, seq.num_tokens)], [], []))
             return self.runner.model.compute_logits(hidden).float()
         finally:
             self.block_manager.free(seq)
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        for rid in list(self.requests):
+            self.abort_request(rid)
+        self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -201,20 +222,25 @@ class LLMEngine:
             return []
         # decodes first, by context length; then prompt chunks, by length (see model_executor/context.py)
         batch = sorted(out.scheduled, key=lambda s: (s.num_new_tokens != 1, s.num_new_tokens, s.seq.num_computed_tokens))
-        rows, forks = [], []
+        rows: list[tuple[int, Sequence]] = []  # (batch row whose last token is sampled, the sequence it samples for)
+        forks = []
         for i, s in enumerate(batch):
             if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
-                rows.append(SampleRow(i, s.seq))
+                rows.append((i, s.seq))
                 for k in range(1, s.num_samples):
                     child = s.seq.fork(k)
                     forks.append((s.seq, child))
-                    rows.append(SampleRow(i, child))
+                    rows.append((i, child))
         now = time.time()
         for s in batch:
             if s.seq.request.metrics.first_scheduled_time is None:
                 s.seq.request.metrics.first_scheduled_time = now
         try:
-            result = self.runner.execute(batch, out.blocks_to_copy, rows)
+            logits = self.executor.run(StepInputs.from_batch(batch, out.blocks_to_copy, [i for i, _ in rows]))
+            result = self.runner.sample(logits, [seq for _, seq in rows]) if rows else None
+        except WorkerDiedError:  # the group is broken: nothing can run any more
+            self._fail(set(self.requests.values()), "engine error: a tensor-parallel worker died")
+            raise
         except Exception as exc:  # a failing step fails only the requests in it
             logger.exception("engine step failed")
             self.block_manager.reset_prefix_cache()  # blocks registered for this step may hold no K/V
@@ -229,12 +255,11 @@ class LLMEngine:
             self._append_tokens(rows, result)
         return [self._output(req) for req in touched if req.request_id in self.requests]
 
-    def _append_tokens(self, rows: list[SampleRow], result: SamplerOutput) -> None:
+    def _append_tokens(self, rows: list[tuple[int, Sequence]], result: SamplerOutput) -> None:
         now = time.time()
         tokens = result.token_ids.tolist()
         lps = result.logprobs.tolist() if result.logprobs is not None else None
-        for j, (row, token) in enumerate(zip(rows, tokens)):
-            seq = row.seq
+        for j, ((_, seq), token) in enumerate(zip(rows, tokens)):
             seq.token_ids.append(token)
             self.num_generation_tokens += 1
             m = seq.request.metrics

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pagedllm.benchmarks.cli import add_bench_parser
+from pagedllm.distributed.executor import launched_by_torchrun, run_torchrun_worker
 from pagedllm.entrypoints.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
 from pagedllm.entrypoints.openai.api_server import add_serve_parser
 from pagedllm.entrypoints.plan import add_plan_parser
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if launched_by_torchrun() and int(os.environ["RANK"]) > 0 and hasattr(ns, "tensor_parallel_size"):
+            if ns.command == "serve":
+                ns.model = ns.model_tag or ns.model
+            run_torchrun_worker(engine_args_from(ns))  # rank 0 runs the command; the others serve its steps
+            return 0
         ns.func(ns)
     except ValueError as exc:  # user mistakes: one line, exit 2
         print(f"pagedllm {ns.command}: error: {exc}", file=sys.stderr)

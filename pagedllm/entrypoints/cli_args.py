@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV pool size on the CPU, e.g. 4GiB")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard every layer over this many processes (gloo on CPU, NCCL on CUDA)")
     g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
 
 
@@ -44,7 +46,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
         enable_chunked_prefill=ns.enable_chunked_prefill, gpu_memory_utilization=ns.gpu_memory_utilization,
         num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
-        quantization=ns.quantization,
+        quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
     )
 
 

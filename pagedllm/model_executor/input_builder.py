@@ -1,10 +1,14 @@
-"""Turn a scheduled batch into the step's tensors: token ids, positions, slots and attention buckets.
+"""A scheduled batch as a few compact tensors (StepInputs), and from those the step's model inputs:
+token ids, positions, slots and attention buckets.
 
-Per-token quantities are computed with tensor ops from per-sequence starts and lengths; Python
-only walks the (few dozen) sequences to collect their token ids and block tables.
+StepInputs is all a tensor-parallel worker needs to run the step, so it travels as one flat int64
+tensor. Per-token quantities are computed with tensor ops from per-sequence starts and lengths;
+Python only walks the (few dozen) sequences to collect their token ids and block tables.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +31,43 @@ def buckets(sizes: list[int], max_padding: float = MAX_PADDING) -> list[tuple[in
     return runs
 
 
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor  # [T] the tokens to compute, sequence after sequence
+    starts: torch.Tensor  # [B] tokens each sequence had computed before this step
+    lens: torch.Tensor  # [B] tokens each sequence computes now
+    tables: torch.Tensor  # [B, W] block tables, padded with block 0
+    copies: torch.Tensor  # [C, 2] (src, dst) block copies to make first (copy-on-write)
+    sample_rows: torch.Tensor  # [S] batch rows whose last token is sampled (a row repeats for n samples)
+
+    @classmethod
+    def from_batch(cls, batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_rows: list[int]) -> StepInputs:
+        """`batch` holds its decodes (one new token) first, sorted by context length, then its prompt chunks
+        sorted by length (see model_executor/context.py)."""
+        width = max(len(s.seq.block_table) for s in batch)
+        return cls(
+            token_ids=torch.tensor([t for s in batch for t in
+                                    s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]]),
+            starts=torch.tensor([s.seq.num_computed_tokens for s in batch]),
+            lens=torch.tensor([s.num_new_tokens for s in batch]),
+            tables=torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch]),
+            copies=torch.tensor(copies, dtype=torch.long).view(-1, 2),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long),
+        )
+
+    def pack(self) -> torch.Tensor:
+        header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
+                               len(self.sample_rows)])
+        return torch.cat([header, self.token_ids, self.starts, self.lens, self.tables.reshape(-1), self.copies.reshape(-1),
+                          self.sample_rows])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor) -> StepInputs:
+        t, b, w, c, s = flat[:5].tolist()
+        parts = flat[5:].split([t, b, b, b * w, 2 * c, s])
+        return cls(parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4].view(c, 2), parts[5])
+
+
 class InputBuilder:
     def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device):
         self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
@@ -35,25 +76,18 @@ class InputBuilder:
         """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
         return (torch.arange(self.kv_heads)[:, None] * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
 
-    def build(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """`batch` must hold its decodes (one new token) first, sorted by context length, then its prompt
-        chunks sorted by length."""
+    def build(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev, bs = self.device, self.block_size
-        starts = torch.tensor([s.seq.num_computed_tokens for s in batch])
-        lens = torch.tensor([s.num_new_tokens for s in batch])
-        input_ids = torch.tensor([t for s in batch for t in
-                                  s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]])
-        width = max(len(s.seq.block_table) for s in batch)
-        tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch])
+        starts, lens, tables = step.starts, step.lens, step.tables
         ctx = starts + lens
-        row = torch.repeat_interleave(torch.arange(len(batch)), lens)  # batch row of every token
+        row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
         first = torch.cumsum(lens, 0) - lens  # first token of every row
         offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
         positions = starts[row] + offset
         slots = tables[row, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(slot_mapping=slots.to(dev))
 
-        d = next((i for i, s in enumerate(batch) if s.num_new_tokens != 1), len(batch))
+        d = int((lens != 1).int().argmax()) if bool((lens != 1).any()) else len(lens)  # leading decodes
         for a, b in buckets(ctx[:d].tolist()):
             nb = -(-int(ctx[a:b].max()) // bs)
             past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
@@ -74,4 +108,4 @@ class InputBuilder:
                 bucket.gather_index = self._gather_index(tables[a:b, :nb]).to(dev)
                 bucket.key_mask = visible.unsqueeze(1).to(dev)
             meta.prefill.append(bucket)
-        return input_ids.to(dev), positions.to(dev), meta
+        return step.token_ids.to(dev), positions.to(dev), meta

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pagedllm.config import ModelConfig
@@ -12,14 +10,8 @@ from pagedllm.engine.sequence import Sequence
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.model_executor.context import attention_metadata
-from pagedllm.model_executor.input_builder import InputBuilder
+from pagedllm.model_executor.input_builder import InputBuilder, StepInputs
 from pagedllm.model_loader.weights import build_model
-
-
-@dataclass
-class SampleRow:
-    batch_index: int  # which scheduled sequence's last token supplies the logits
-    seq: Sequence  # whose parameters, history and generator apply
 
 
 class ModelRunner:
@@ -46,9 +38,8 @@ class ModelRunner:
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+    def copy_blocks(self, copies: torch.Tensor) -> None:
+        src, dst = copies[:, 0].to(self.device), copies[:, 1].to(self.device)
         self.kv_cache[:, :, :, dst] = self.kv_cache[:, :, :, src]
 
     @torch.inference_mode()
@@ -70,7 +61,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        self.execute(batch, [], [SampleRow(i, s.seq) for i, s in enumerate(batch)])
+        self.run(StepInputs.from_batch(batch, [], list(range(len(batch)))))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         self.kv_cache = None
@@ -79,20 +70,24 @@ class ModelRunner:
 
     # ---- step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Hidden states of every scheduled token (their K/V are written into the pool)."""
-        input_ids, positions, meta = self.inputs.build(batch)
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """Hidden states of every token of the step (their K/V are written into the pool)."""
+        input_ids, positions, meta = self.inputs.build(step)
         with attention_metadata(meta):
             return self.model(input_ids, positions)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]], rows: list[SampleRow]) -> SamplerOutput | None:
-        if copies:
-            self.copy_blocks(copies)
-        hidden = self.forward(batch)
-        if not rows:
+    def run(self, step: StepInputs) -> torch.Tensor | None:
+        """Run one step; logits of the sampled rows (every tensor-parallel rank computes them)."""
+        if len(step.copies):
+            self.copy_blocks(step.copies)
+        hidden = self.forward(step)
+        if not len(step.sample_rows):
             return None
-        last = torch.cumsum(torch.tensor([s.num_new_tokens for s in batch]), 0) - 1
-        logits = self.model.compute_logits(hidden[last[[r.batch_index for r in rows]].to(self.device)])
-        sm = SamplingMetadata.from_seqs([r.seq for r in rows], self.cfg.vocab_size, self.cfg.eos_token_ids, self.device)
+        last = torch.cumsum(step.lens, 0) - 1
+        return self.model.compute_logits(hidden[last[step.sample_rows].to(self.device)])
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        sm = SamplingMetadata.from_seqs(seqs, self.cfg.vocab_size, self.cfg.eos_token_ids, self.device)
         return self.sampler(logits, sm)

@@ -1,0 +1,111 @@
+"""Build benchmarks/RESULTS.md (tables) and benchmarks/*.png (plots) from benchmarks/results/*.json.
+
+    .venv/bin/python benchmarks/report.py
+
+Each JSON file is the --output-json of one `pagedllm bench ...` run and records the command that made it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load() -> dict[str, dict]:
+    return {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "results", "*.json")))}
+
+
+def _ms(d: dict | None, key: str) -> str:
+    return "-" if not d or d.get(key) is None else f"{1000 * d[key]:.1f}"
+
+
+def _tables(results: dict[str, dict]) -> list[str]:
+    lines = []
+    thr = {k: v for k, v in results.items() if v.get("benchmark") == "throughput"}
+    if thr:
+        lines += ["## Offline throughput", "",
+                  "| run | requests | prompt / output tokens | output tok/s | total tok/s | roofline tok/s | of roofline "
+                  "| HF static (16) tok/s | HF generate_batch tok/s | command |", "|" + "---|" * 10]
+        for name, r in thr.items():
+            hf = r.get("hf", {})
+            static, cb = hf.get("static_batch_16_output_tok_s", float("nan")), hf.get("generate_batch_output_tok_s", float("nan"))
+            lines.append(
+                f"| {name} | {r['num_prompts']} | {r['prompt_tokens']} / {r['output_tokens']} | {r['output_tok_s']:.1f} | "
+                f"{r['total_tok_s']:.1f} | {r['roofline']['max_output_tok_s']:.0f} | {100 * r['roofline']['fraction']:.0f} % | "
+                f"{static:.1f} | {cb:.1f} | `{r.get('command')}` |")
+        lines.append("")
+    lat = {k: v for k, v in results.items() if v.get("benchmark") == "latency"}
+    if lat:
+        lines += ["## Single request", "", "| run | TTFT ms | TPOT ms | decode tok/s | bandwidth limit tok/s | of limit "
+                  "| HF decode tok/s | command |", "|" + "---|" * 8]
+        for name, r in lat.items():
+            hf = r.get("hf", {})
+            lines.append(f"| {name} | {1000 * r['ttft_s']:.1f} | {1000 * r['tpot_s']:.2f} | {r['decode_tok_s']:.1f} | "
+                         f"{r['bandwidth_limit_tok_s']:.1f} | {100 * r['bandwidth_fraction']:.0f} % | "
+                         f"{hf.get('decode_tok_s', float('nan')):.1f} | `{r.get('command')}` |")
+        lines.append("")
+    srv = {k: v for k, v in results.items() if v.get("benchmark") == "serve"}
+    if srv:
+        lines += ["## Serving (OpenAI API, streaming)", "", "| run | concurrency | req/s | output tok/s | TTFT ms mean/p50/p99 "
+                  "| TPOT ms mean/p50/p99 | ITL ms p50/p99 |", "|" + "---|" * 7]
+        for name, r in sorted(srv.items(), key=lambda kv: kv[1].get("max_concurrency") or 0):
+            t, p, i = r["ttft_s"], r["tpot_s"], r["itl_s"]
+            lines.append(f"| {name} | {r['max_concurrency']} | {r['request_throughput']:.2f} | {r['output_tok_s']:.1f} | "
+                         f"{_ms(t, 'mean')} / {_ms(t, 'p50')} / {_ms(t, 'p99')} | {_ms(p, 'mean')} / {_ms(p, 'p50')} / "
+                         f"{_ms(p, 'p99')} | {_ms(i, 'p50')} / {_ms(i, 'p99')} |")
+        lines.append("")
+    return lines
+
+
+def _plots(results: dict[str, dict]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(plots need matplotlib: `.venv/bin/pip install matplotlib`)", ""]
+    out = []
+    srv = sorted((v for v in results.values() if v.get("benchmark") == "serve" and v.get("max_concurrency")),
+                 key=lambda r: r["max_concurrency"])
+    if srv:
+        conc = [r["max_concurrency"] for r in srv]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(conc, [r["output_tok_s"] for r in srv], marker="o")
+        a.set(xlabel="concurrent requests", ylabel="output tok/s", title="Throughput vs concurrency", xscale="log")
+        b.plot(conc, [1000 * r["ttft_s"]["p50"] for r in srv], marker="o", label="TTFT p50")
+        b.plot(conc, [1000 * r["tpot_s"]["p50"] for r in srv], marker="o", label="TPOT p50")
+        b.set(xlabel="concurrent requests", ylabel="ms", title="Latency vs load", xscale="log", yscale="log")
+        b.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(HERE, "serving.png"))
+        out += ["![serving](serving.png)", ""]
+    thr = [v for v in results.values() if v.get("benchmark") == "throughput" and "hf" in v]
+    if thr:
+        r = thr[0]
+        names = ["pagedllm", "HF static (16)", "HF generate_batch", "roofline"]
+        vals = [r["output_tok_s"], r["hf"].get("static_batch_16_output_tok_s", 0),
+                r["hf"].get("generate_batch_output_tok_s", 0), r["roofline"]["max_output_tok_s"]]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(names, vals, color=["C0", "C1", "C1", "C7"])
+        ax.set(ylabel="output tok/s", title="W1 offline throughput")
+        fig.tight_layout()
+        fig.savefig(os.path.join(HERE, "throughput.png"))
+        out += ["![throughput](throughput.png)", ""]
+    return out
+
+
+def main() -> None:
+    results = _load()
+    header = ["# pagedllm benchmark results", "",
+              "Generated by `benchmarks/report.py` from `benchmarks/results/*.json`; each row names the command that "
+              "produced it. Machine: 2-core x86 CPU with AMX, torch 2.13 CPU build, embedded SmolLM2-135M-Instruct.", ""]
+    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+        f.write("\n".join(header + _tables(results) + _plots(results)))
+
+
+if __name__ == "__main__":
+    main()
