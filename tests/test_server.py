@@ -227,7 +227,7 @@ def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
     from pagedllm.entrypoints.openai.api_server import build_app
 
     engine = LLMEngine(EngineArgs(model=tiny_models["llama"], dtype="float32", max_model_len=256))
-    real, calls = engine.runner.execute, {"n": 0}
+    real, calls = engine.executor.run, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -235,7 +235,7 @@ def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
             raise RuntimeError("simulated device fault")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.executor, "run", flaky)
     with TestClient(build_app(engine)) as http:
         bad = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
         assert bad.status_code == 500 and "simulated device fault" in bad.json()["error"]["message"]
