@@ -211,14 +211,17 @@ def run_torchrun_worker(args: EngineArgs) -> None:
     worker_main(rank, world, "env://", args, cfg, folder, dtype, device)
 
 
-def make_executor(args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
-    if args.tensor_parallel_size == 1:
-        return LocalExecutor(ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization))
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Every rank checks this before joining the group, so a bad size fails at once everywhere."""
     heads, kv = cfg.num_heads, cfg.num_kv_heads
-    tp = args.tensor_parallel_size
     if heads % tp or (kv % tp and tp % kv):
         raise ValueError(f"tensor_parallel_size {tp} must divide the model's {heads} attention heads and divide, "
                          f"or be a multiple of, its {kv} KV heads")
     if cfg.intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size {tp} must divide the MLP size {cfg.intermediate_size}")
+
+
+def make_executor(args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
+    if args.tensor_parallel_size == 1:
+        return LocalExecutor(ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization))
     return TensorParallelExecutor(args, cfg, folder, dtype, device)

@@ -9,7 +9,7 @@ import time
 import torch
 
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
-from pagedllm.distributed.executor import WorkerDiedError, make_executor
+from pagedllm.distributed.executor import WorkerDiedError, check_tensor_parallel, make_executor
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -43,6 +43,7 @@ def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch
     args.validate()
     folder = resolve_model(args.model)
     cfg = ModelConfig.from_folder(folder)
+    check_tensor_parallel(cfg, args.tensor_parallel_size)
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_cpu()
