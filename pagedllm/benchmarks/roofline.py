@@ -35,13 +35,15 @@ def _timed(fn, min_seconds: float = 0.3) -> float:
 
 @torch.inference_mode()
 def matmul_flops(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of one decoder layer's linear layers on `tokens` rows, as the model runs them."""
-    weights = [torch.randn(o, i, dtype=dtype, device=device) for i, o in layer_linear_shapes(cfg)]
-    inputs = [torch.randn(tokens, i, dtype=dtype, device=device) for i, _ in layer_linear_shapes(cfg)]
+    """FLOP/s of the model's linear layers on `tokens` rows: every layer's own (random) weights, so they
+    stream from memory as the real model's do instead of sitting in cache."""
+    shapes = layer_linear_shapes(cfg) * cfg.num_layers
+    weights = [torch.randn(o, i, dtype=dtype, device=device) for i, o in shapes]
+    inputs = {i: torch.randn(tokens, i, dtype=dtype, device=device) for i, _ in shapes}
 
     def run():
-        for x, w in zip(inputs, weights):
-            F.linear(x, w)
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
