@@ -9,42 +9,46 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
+_GAUGES = {
+    "num_running": ("pagedllm:num_requests_running", "Sequences in the running batch"),
+    "num_waiting": ("pagedllm:num_requests_waiting", "Sequences waiting to be scheduled"),
+    "kv_cache_usage": ("pagedllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)"),
+}
+_COUNTERS = {
+    "num_preemptions": ("pagedllm:num_preemptions", "Preemptions (recompute)"),
+    "prompt_tokens": ("pagedllm:prompt_tokens", "Prompt tokens received"),
+    "generation_tokens": ("pagedllm:generation_tokens", "Tokens generated"),
+    "prefix_cache_queries": ("pagedllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hits": ("pagedllm:prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+}
+
+
 class _EngineCollector:
-    def __init__(self, engine: LLMEngine, labels: dict[str, str]):
+    """Reads engine.stats() at scrape time: one sample per replica (labelled) per metric."""
+
+    def __init__(self, engine, labels: dict[str, str]):
         self.engine, self.labels = engine, labels
 
-    def _family(self, cls, name: str, doc: str, value: float):
-        fam = cls(name, doc, labels=list(self.labels))
-        fam.add_metric(list(self.labels.values()), value)
-        return fam
-
     def collect(self):
-        e, s = self.engine, self.engine.scheduler
-        yield self._family(GaugeMetricFamily, "pagedllm:num_requests_running", "Sequences in the running batch",
-                           len(s.running))
-        yield self._family(GaugeMetricFamily, "pagedllm:num_requests_waiting", "Sequences waiting to be scheduled",
-                           len(s.waiting))
-        yield self._family(GaugeMetricFamily, "pagedllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)",
-                           e.block_manager.usage)
-        yield self._family(CounterMetricFamily, "pagedllm:num_preemptions", "Preemptions (recompute)",
-                           s.num_preemptions)
-        yield self._family(CounterMetricFamily, "pagedllm:prompt_tokens", "Prompt tokens received",
-                           e.num_prompt_tokens)
-        yield self._family(CounterMetricFamily, "pagedllm:generation_tokens", "Tokens generated", e.num_generation_tokens)
-        yield self._family(CounterMetricFamily, "pagedllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                           s.prefix_queries)
-        yield self._family(CounterMetricFamily, "pagedllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                           s.prefix_hits)
+        snapshot = self.engine.stats()
+        for kinds, cls in ((_GAUGES, GaugeMetricFamily), (_COUNTERS, CounterMetricFamily)):
+            for field, (name, doc) in kinds.items():
+                fam = None
+                for extra, stats in snapshot:
+                    labels = {**self.labels, **extra}
+                    fam = fam or cls(name, doc, labels=list(labels))
+                    fam.add_metric(list(labels.values()), getattr(stats, field))
+                if fam is not None:
+                    yield fam
 
 
 class Metrics:
-    def __init__(self, engine: LLMEngine, labels: dict[str, str] | None = None):
+    def __init__(self, engine, labels: dict[str, str] | None = None):
         self.registry = CollectorRegistry()
         self.labels = labels or {"model_name": engine.model_config.name or "model"}
         self.registry.register(_EngineCollector(engine, self.labels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +13,7 @@ from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
 from pagedllm.distributed.executor import WorkerDiedError, check_tensor_parallel, make_executor
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
+from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.layers.sampler import SamplerOutput
@@ -24,18 +26,6 @@ from pagedllm.platform import resolve_device, tune_cpu
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
-
-PromptType = str | list[int] | dict
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        logger.warning("no tokenizer in %s: only token-id prompts are accepted and outputs carry no text", path)
-        return None
 
 
 def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch.device]:
@@ -53,25 +43,30 @@ def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch
     return cfg, folder, dtype, device
 
 
+@dataclass
+class EngineStats:
+    """A snapshot for metrics and the offline API (counters are totals since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         cfg, self.model_path, self.dtype, self.device = engine_setup(args)
         self.model_config = cfg
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {cfg.max_position_embeddings}")
-        budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, self.max_model_len))
-        if not args.enable_chunked_prefill and budget < self.max_model_len:
-            raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
-                             f"max_model_len ({self.max_model_len})")
-        self.tokenizer = _load_tokenizer(args.tokenizer or self.model_path)
+        self.max_model_len, budget = model_limits(args, cfg)
+        self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
+        self.processor = InputProcessor(cfg, self.tokenizer, self.max_model_len)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
-        eos = set(cfg.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(sorted(eos))
+        self.eos_token_ids = self.processor.eos_token_ids
 
         self.executor = make_executor(args, cfg, self.model_path, self.dtype, self.device)
         self.runner = self.executor.runner  # rank 0's shard; it also samples
@@ -137,40 +132,11 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template")
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt")
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        if not isinstance(prompt, str):
-            raise ValueError("a prompt must be a string, a list of token ids or {'prompt_token_ids': [...]}, "
-                             f"got {type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
-        return prompt, self.tokenizer.encode(prompt)
+        return self.processor.apply_chat_template(messages, add_generation_prompt)
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                             "it must leave room for at least one generated token")
+        text, ids, params = self.processor.process(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -203,6 +169,16 @@ class LLMEngine:
             return self.runner.model.compute_logits(hidden).float()
         finally:
             self.block_manager.free(seq)
+
+    def stats(self) -> list[tuple[dict[str, str], EngineStats]]:
+        """One (labels, stats) pair per engine replica; a single engine has no extra labels."""
+        s = self.scheduler
+        return [({}, EngineStats(len(s.running), len(s.waiting), self.block_manager.usage, s.num_preemptions,
+                                 self.num_prompt_tokens, self.num_generation_tokens, s.prefix_queries, s.prefix_hits))]
+
+    def health(self) -> dict:
+        self.executor.check_health()
+        return {"status": "ok"}
 
     def check_health(self) -> None:
         self.executor.check_health()

@@ -80,8 +80,8 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None, api_key: 
     @app.get("/health")
     async def health():
         if not async_engine.is_alive:
-            return JSONResponse({"status": "unhealthy", "error": repr(async_engine.error)}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "unhealthy", "error": str(async_engine.error)}, status_code=503)
+        return engine.health()
 
     @app.get("/v1/models")
     async def models():

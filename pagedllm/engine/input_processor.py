@@ -1,0 +1,82 @@
+"""Everything about a request that can be checked before it reaches a model: the tokenizer, the chat
+template and the limits. Shared by the engine and the data-parallel front (which holds no model)."""
+
+from __future__ import annotations
+
+import logging
+
+from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+
+PromptType = str | list[int] | dict
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        logger.warning("no tokenizer in %s: only token-id prompts are accepted and outputs carry no text", path)
+        return None
+
+
+def model_limits(args: EngineArgs, cfg: ModelConfig) -> tuple[int, int]:
+    """(max_model_len, max_num_batched_tokens), checked against each other and the model."""
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, max_model_len))
+    if not args.enable_chunked_prefill and budget < max_model_len:
+        raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
+                         f"max_model_len ({max_model_len})")
+    return max_model_len, budget
+
+
+class InputProcessor:
+    def __init__(self, cfg: ModelConfig, tokenizer, max_model_len: int):
+        self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
+        eos = set(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise ValueError("a prompt must be a string, a list of token ids or {'prompt_token_ids': [...]}, "
+                             f"got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def process(self, prompt: PromptType, params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and check one request; ValueError says what is wrong with it."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "it must leave room for at least one generated token")
+        return text, ids, params
