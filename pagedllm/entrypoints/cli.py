@@ -15,9 +15,9 @@ from pagedllm.entrypoints.plan import add_plan_parser
 
 
 def _engine(ns: argparse.Namespace):
-    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.engine.factory import create_engine
 
-    return LLMEngine(engine_args_from(ns))
+    return create_engine(engine_args_from(ns))
 
 
 def _run(engine, prompt, params):

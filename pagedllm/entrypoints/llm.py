@@ -8,7 +8,8 @@ from collections.abc import Sequence as Seq
 from tqdm import tqdm
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.factory import create_engine
+from pagedllm.engine.input_processor import PromptType
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -21,7 +22,7 @@ class LLM:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.engine = create_engine(EngineArgs(model=model, **kwargs))
 
     def get_tokenizer(self):
         return self.engine.tokenizer

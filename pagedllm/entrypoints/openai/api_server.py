@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.factory import create_engine
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.cli_args import add_engine_args, engine_args_from
 from pagedllm.entrypoints.openai import protocol as p
@@ -147,7 +148,7 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise ValueError("give the model once: either MODEL or --model")
     ns.model = ns.model_tag or ns.model
-    engine = LLMEngine(engine_args_from(ns))
+    engine = create_engine(engine_args_from(ns))
     app = build_app(engine, ns.served_model_name, ns.api_key)
     logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.model_config.name, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)

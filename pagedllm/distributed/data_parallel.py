@@ -1,0 +1,240 @@
+"""Data parallelism: N full engine replicas in their own processes behind one engine-shaped front.
+
+The front holds no model. It checks and tokenizes each request (InputProcessor), sends it to the
+replica with the least outstanding work (prompt and generation tokens still to do) and collects
+the replicas' outputs; `LLM`, the async engine and the server use it like an LLMEngine. Each
+replica is pinned to its own share of the CPU cores (and may itself be tensor-parallel). A
+replica that dies fails only its in-flight requests; the others keep serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing.connection as mpc
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch.multiprocessing as mp
+
+from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
+from pagedllm.engine.llm_engine import EngineStats
+from pagedllm.model_loader.resolve import resolve_model
+from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+POLL_S = 0.05
+
+
+def _cores_for(index: int, replicas: int) -> set[int]:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    share = max(1, len(cores) // replicas)
+    mine = cores[index * share:(index + 1) * share]
+    return set(mine or cores[-share:])  # more replicas than cores: they share the last ones
+
+
+def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Connection, results: mpc.Connection) -> None:
+    """One replica: a whole LLMEngine stepping whatever the front sends it."""
+    import signal
+
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front handles Ctrl-C and stops us
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, _cores_for(index, replicas))
+    try:
+        engine = LLMEngine(args)
+    except Exception as exc:
+        results.send(("failed", str(exc)))
+        return
+    results.send(("ready", None))
+    while True:
+        while commands.poll(0 if engine.has_unfinished_requests() else POLL_S):
+            kind, *rest = commands.recv()
+            if kind == "stop":
+                engine.shutdown()
+                return
+            if kind == "abort":
+                engine.abort_request(rest[0])
+            else:
+                rid, prompt, params = rest
+                try:
+                    engine.add_request(prompt, params, rid)
+                except ValueError as exc:
+                    results.send(("rejected", (rid, str(exc))))
+        if engine.has_unfinished_requests():
+            outputs = engine.step()
+            results.send(("outputs", (outputs, engine.stats()[0][1])))
+
+
+@dataclass
+class _Replica:
+    index: int
+    proc: mp.Process
+    commands: mpc.Connection
+    results: mpc.Connection
+    alive: bool = True
+    stats: EngineStats = field(default_factory=lambda: EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0))
+    requests_sent: int = 0
+
+
+@dataclass
+class _Pending:
+    replica: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_generated: int  # over all n samples
+    generated: int = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Tokens still to compute (the prompt until output starts, then what is left to generate): the
+        router's measure of a replica's load."""
+        return (0 if self.generated else len(self.prompt_token_ids)) + self.max_generated - self.generated
+
+
+class DataParallelEngine:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        self.args = args
+        self.model_path = resolve_model(args.model)  # convert a GGUF once, before the replicas start
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        self.max_model_len, _ = model_limits(args, self.model_config)
+        self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
+        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len)
+        self.requests: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        replica_args = EngineArgs(**{**vars(args), "model": self.model_path, "data_parallel_size": 1})
+        ctx = mp.get_context("spawn")
+        self.replicas: list[_Replica] = []
+        for i in range(args.data_parallel_size):
+            cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+            res_recv, res_send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=replica_main, args=(i, args.data_parallel_size, replica_args, cmd_recv, res_send),
+                               name=f"pagedllm-dp{i}", daemon=True)
+            proc.start()
+            self.replicas.append(_Replica(i, proc, cmd_send, res_recv))
+        for r in self.replicas:
+            kind, detail = r.results.recv() if r.results.poll(600) else ("failed", "did not start in 600 s")
+            if kind != "ready":
+                self.shutdown()
+                raise ValueError(f"data-parallel replica {r.index} failed to start: {detail}")
+        logger.info("data parallel: %d replicas of %s", len(self.replicas), self.model_config.name)
+
+    # ---- the engine interface -----------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.processor.apply_chat_template(messages, add_generation_prompt)
+
+    @property
+    def num_generation_tokens(self) -> int:
+        return sum(r.stats.generation_tokens for r in self.replicas)
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        text, ids, params = self.processor.process(prompt, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        live = [r for r in self.replicas if r.alive]
+        if not live:
+            raise RuntimeError("no data-parallel replica is alive")
+        load = {r.index: 0 for r in live}
+        for p in self.requests.values():
+            if p.replica in load:
+                load[p.replica] += p.outstanding
+        target = min(live, key=lambda r: (load[r.index], r.index))
+        max_new = params.max_tokens or self.max_model_len - len(ids)
+        self.requests[request_id] = _Pending(target.index, text, ids, params, max_new * params.n)
+        target.commands.send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params))
+        target.requests_sent += 1
+        self.num_prompt_tokens += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        pending = self.requests.pop(request_id, None)
+        if pending is not None and self.replicas[pending.replica].alive:
+            self.replicas[pending.replica].commands.send(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Whatever the replicas produced since the last call (waits briefly when nothing is ready)."""
+        outputs: list[RequestOutput] = []
+        live = {r.results: r for r in self.replicas if r.alive}
+        for conn in mpc.wait(list(live), timeout=POLL_S):
+            replica = live[conn]
+            try:
+                while conn.poll():
+                    outputs += self._receive(replica, *conn.recv())
+            except (EOFError, OSError):
+                outputs += self._replica_died(replica)
+        for r in self.replicas:  # a replica can die between steps with nothing to say
+            if r.alive and not r.proc.is_alive():
+                outputs += self._replica_died(r)
+        return outputs
+
+    def _receive(self, replica: _Replica, kind: str, payload) -> list[RequestOutput]:
+        if kind == "rejected":
+            rid, message = payload
+            pending = self.requests.pop(rid, None)
+            return [self._error_output(rid, pending, message)] if pending else []
+        outs, replica.stats = payload
+        delivered = []
+        for out in outs:
+            pending = self.requests.get(out.request_id)
+            if pending is None:  # aborted meanwhile
+                continue
+            pending.generated = sum(len(c.token_ids) for c in out.outputs)
+            if out.finished:
+                del self.requests[out.request_id]
+            delivered.append(out)
+        return delivered
+
+    def _replica_died(self, replica: _Replica) -> list[RequestOutput]:
+        replica.alive = False
+        code = replica.proc.exitcode
+        logger.error("data-parallel replica %d died (exit code %s); %d replica(s) left", replica.index, code,
+                     sum(r.alive for r in self.replicas))
+        failed = [rid for rid, p in self.requests.items() if p.replica == replica.index]
+        return [self._error_output(rid, self.requests.pop(rid), f"data-parallel replica {replica.index} died "
+                                   f"(exit code {code}); retry the request") for rid in failed]
+
+    def _error_output(self, rid: str, pending: _Pending, message: str) -> RequestOutput:
+        outputs = [CompletionOutput(i, "", [], finish_reason="error") for i in range(pending.params.n)]
+        return RequestOutput(rid, pending.prompt, pending.prompt_token_ids, outputs, True,
+                             RequestMetrics(arrival_time=time.time()), error=message)
+
+    # ---- health, stats, lifecycle ---------------------------------------------------------------
+    def stats(self) -> list[tuple[dict[str, str], EngineStats]]:
+        return [({"replica": str(r.index)}, r.stats) for r in self.replicas]
+
+    def health(self) -> dict:
+        self.check_health()
+        alive = [r.alive for r in self.replicas]
+        return {"status": "ok" if all(alive) else "degraded",
+                "replicas": [{"replica": r.index, "alive": r.alive, "requests_sent": r.requests_sent}
+                             for r in self.replicas]}
+
+    def check_health(self) -> None:
+        if not any(r.alive and r.proc.is_alive() for r in self.replicas):
+            raise RuntimeError("every data-parallel replica has died")
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            if r.alive and r.proc.is_alive():
+                try:
+                    r.commands.send(("stop",))
+                except (BrokenPipeError, OSError):
+                    pass
+        for r in self.replicas:
+            r.proc.join(timeout=15)
+            if r.proc.is_alive():
+                r.proc.kill()
+            r.alive = False
+        self.requests.clear()
