@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedllm.benchmarks.offline import cmd_latency, cmd_throughput
+from pagedllm.benchmarks.offline import cmd_interference, cmd_latency, cmd_throughput
 from pagedllm.benchmarks.quality import cmd_int8
 from pagedllm.benchmarks.serving import cmd_serve_bench
 from pagedllm.benchmarks.workloads import add_workload_args
@@ -38,6 +38,16 @@ def add_bench_parser(sub) -> None:
     add_workload_args(s)
     s.add_argument("--output-json", default=None)
     s.set_defaults(func=cmd_serve_bench)
+
+    i = bench.add_parser("interference", help="TTFT of a short request sent while a long prompt is prefilled, "
+                                               "chunked prefill on vs off")
+    add_engine_args(i)
+    i.add_argument("--long-prompt-len", type=int, default=4000)
+    i.add_argument("--short-prompt-len", type=int, default=16)
+    i.add_argument("--delay", type=float, default=0.2, help="seconds between the long and the short request")
+    i.add_argument("--workload-seed", type=int, default=0)
+    i.add_argument("--output-json", default=None)
+    i.set_defaults(func=cmd_interference)
 
     q = bench.add_parser("int8", help="int8 weight-only vs bf16: top-1 agreement and logit differences")
     q.add_argument("--model", default=None)

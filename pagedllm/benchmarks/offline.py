@@ -27,6 +27,10 @@ def _run(llm: LLM, w: Workload, use_tqdm: bool = True) -> float:
     return elapsed
 
 
+def _prefix_hits(engine) -> int:
+    return sum(stats.prefix_cache_hits for _, stats in engine.stats())
+
+
 def _write(ns: argparse.Namespace, result: dict) -> None:
     result["command"] = "pagedllm " + " ".join(sys.argv[1:]) if sys.argv and "pagedllm" in sys.argv[0] else None
     if ns.output_json:
@@ -44,27 +48,29 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
     engine = llm.engine
     w = make_workload(ns, engine.model_config.vocab_size)
     _warm_up(llm, w)
-    hits0 = engine.scheduler.prefix_hits
+    hits0 = _prefix_hits(engine)
     elapsed = _run(llm, w)
     result = {
         "benchmark": "throughput", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
         "num_prompts": len(w.prompts), "prompt_tokens": w.num_prompt_tokens, "output_tokens": w.num_output_tokens,
         "elapsed_s": elapsed, "requests_per_s": len(w.prompts) / elapsed, "output_tok_s": w.num_output_tokens / elapsed,
         "total_tok_s": (w.num_prompt_tokens + w.num_output_tokens) / elapsed,
-        "prefix_cache_hit_tokens": engine.scheduler.prefix_hits - hits0,
-        "settings": {"max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+        "prefix_cache_hit_tokens": _prefix_hits(engine) - hits0,
+        "settings": {"max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
+                     "tensor_parallel_size": ns.tensor_parallel_size, "data_parallel_size": ns.data_parallel_size,
+                     "quantization": ns.quantization,
                      "enable_prefix_caching": ns.enable_prefix_caching, "enable_chunked_prefill": ns.enable_chunked_prefill,
                      "shared_prefix_len": ns.shared_prefix_len, "input_len": ns.input_len, "output_len": ns.output_len},
     }
-    cfg = engine.model_config
-    limits = roofline.machine_limits(cfg, engine.dtype, engine.device, min(len(w.prompts), ns.max_num_seqs))
+    cfg, folder = engine.model_config, engine.model_path
+    engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
+    del llm, engine
+    limits = roofline.machine_limits(cfg, _dtype(result["dtype"]), _device(ns), min(len(w.prompts), ns.max_num_seqs))
     roof = roofline.throughput_roofline(cfg, limits, w.num_prompt_tokens, w.num_output_tokens)
     result["limits"] = limits
     result["roofline"] = {**roof, "fraction": result["output_tok_s"] / roof["max_output_tok_s"],
                           "achieved_flops": roof["model_flops"] / elapsed}
     if ns.compare == "hf":
-        folder = engine.model_path
-        del llm, engine
         model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns))
         hf = {"static_batch_16_s": hf_baseline.static_batches(model, w)}
         if not ns.skip_hf_continuous:
@@ -150,4 +156,57 @@ def cmd_latency(ns: argparse.Namespace) -> None:
         result["hf"] = hf
         print(f"  HF generate batch 1: TTFT {1000 * hf['ttft_s']:.1f} ms, {hf['decode_tok_s']:.1f} tok/s -> pagedllm "
               f"decodes {result['decode_tok_s'] / hf['decode_tok_s']:.1f}x faster")
+    _write(ns, result)
+
+
+def _ttft_behind_long_prompt(args, long_prompt: list[int], short_prompt: list[int], delay: float) -> dict:
+    """Start the long prompt, send the short one `delay` seconds later; time the short one's first token."""
+    import asyncio
+
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    engine = AsyncLLMEngine(LLMEngine(args))
+
+    async def scenario() -> dict:
+        await engine.call(lambda e: e.score(short_prompt))  # warm-up
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        start = time.perf_counter()
+        long_stream = await engine.add_request({"prompt_token_ids": long_prompt}, params)
+        await asyncio.sleep(delay)
+        sent = time.perf_counter()
+        short_stream = await engine.add_request({"prompt_token_ids": short_prompt}, params)
+        ttft = None
+        async for _out in short_stream:
+            ttft = ttft or time.perf_counter() - sent
+        async for _out in long_stream:
+            pass
+        return {"short_ttft_s": ttft, "long_request_s": time.perf_counter() - start}
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+
+
+def cmd_interference(ns: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    gen = torch.Generator().manual_seed(ns.workload_seed)
+    long_prompt = torch.randint(100, 49000, (ns.long_prompt_len,), generator=gen).tolist()
+    short_prompt = torch.randint(100, 49000, (ns.short_prompt_len,), generator=gen).tolist()
+    base = engine_args_from(ns)
+    base.max_model_len = base.max_model_len or ns.long_prompt_len + 64
+    result = {"benchmark": "interference", "long_prompt_tokens": ns.long_prompt_len,
+              "short_prompt_tokens": ns.short_prompt_len, "delay_s": ns.delay}
+    for chunked in (True, False):
+        args = dataclasses.replace(base, enable_chunked_prefill=chunked, enable_prefix_caching=False,
+                                   max_num_batched_tokens=base.max_num_batched_tokens if chunked else base.max_model_len)
+        result["chunked" if chunked else "unchunked"] = _ttft_behind_long_prompt(args, long_prompt, short_prompt, ns.delay)
+    for mode in ("chunked", "unchunked"):
+        r = result[mode]
+        print(f"chunked prefill {'on ' if mode == 'chunked' else 'off'}: short request's TTFT "
+              f"{1000 * r['short_ttft_s']:.0f} ms, long request done in {r['long_request_s']:.2f} s")
     _write(ns, result)

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import torch.multiprocessing as mp
 
-from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.config import EngineArgs
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
-from pagedllm.engine.llm_engine import EngineStats
-from pagedllm.model_loader.resolve import resolve_model
+from pagedllm.engine.llm_engine import EngineStats, engine_setup
 from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -99,10 +98,9 @@ class _Pending:
 
 class DataParallelEngine:
     def __init__(self, args: EngineArgs):
-        args.validate()
         self.args = args
-        self.model_path = resolve_model(args.model)  # convert a GGUF once, before the replicas start
-        self.model_config = ModelConfig.from_folder(self.model_path)
+        # resolves (and converts a GGUF) once, before the replicas start
+        self.model_config, self.model_path, self.dtype, self.device = engine_setup(args)
         self.max_model_len, _ = model_limits(args, self.model_config)
         self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len)

@@ -21,6 +21,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # With chunked prefill, one prompt takes at most this many tokens of a step, so a request arriving
+    # behind a long prompt is prefilled beside it instead of after it (vLLM's name; 0: half the budget).
+    long_prefill_token_threshold: int = 0
+
+    @property
+    def max_chunk(self) -> int:
+        if not self.enable_chunked_prefill:
+            return self.max_num_batched_tokens
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 2)
 
 
 @dataclass
@@ -72,7 +81,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.config.max_chunk)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim, out)
@@ -94,6 +103,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
+            num_new = min(num_new, self.config.max_chunk)
             if not bm.can_allocate(seq, num_new, cached):
                 break
             self.waiting.popleft()
