@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve generate clean
+.PHONY: setup test lint serve generate bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ serve: setup
 
 generate: setup
 	$(BIN)/pagedllm generate "The capital of France is" --temperature 0 $(ARGS)
+
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

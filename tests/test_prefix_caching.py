@@ -51,6 +51,8 @@ def test_shared_prefix_batch_matches_hf_and_repeat_hits_every_full_block(tiny_mo
     assert again[0].num_cached_tokens == full_blocks * 16
     assert sched.prefix_hits - hits_before == full_blocks * 16
     _check(again, refs[:1])
+    (_, stats), = llm.get_stats()
+    assert stats.prefix_cache_hits == sched.prefix_hits and stats.prefix_cache_queries >= stats.prefix_cache_hits
     assert_pool_empty(llm)
 
 

@@ -66,7 +66,8 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
     engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
     del llm, engine
     limits = roofline.machine_limits(cfg, _dtype(result["dtype"]), _device(ns), min(len(w.prompts), ns.max_num_seqs))
-    roof = roofline.throughput_roofline(cfg, limits, w.num_prompt_tokens, w.num_output_tokens)
+    computed_prompt = w.num_prompt_tokens - result["prefix_cache_hit_tokens"]  # cached tokens cost no compute
+    roof = roofline.throughput_roofline(cfg, limits, computed_prompt, w.num_output_tokens)
     result["limits"] = limits
     result["roofline"] = {**roof, "fraction": result["output_tok_s"] / roof["max_output_tok_s"],
                           "achieved_flops": roof["model_flops"] / elapsed}

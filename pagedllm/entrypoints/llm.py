@@ -27,6 +27,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_stats(self) -> list:
+        """[(labels, EngineStats)]: one entry, or one per data-parallel replica. Counters (tokens, prefix-cache
+        queries and hits, preemptions) are totals since the engine started."""
+        return self.engine.stats()
+
     def generate(
         self,
         prompts: PromptType | Seq[PromptType],

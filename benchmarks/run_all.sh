@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every benchmark behind benchmarks/RESULTS.md, in one quiet run (~25 min on a 2-core CPU), then the report.
+# Usage: bash benchmarks/run_all.sh   (run nothing else meanwhile: the numbers are wall-clock)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/pagedllm
+R=benchmarks/results
+mkdir -p $R
+# W1 against HF transformers (static batches of 16 and generate_batch), with the machine's limits
+$B bench throughput --max-model-len 1024 --compare hf --output-json $R/throughput_w1.json
+# single request, bf16 and int8, against HF generate at batch 1
+$B bench latency --max-model-len 1024 --compare hf --output-json $R/latency_bf16.json
+$B bench latency --max-model-len 1024 --quantization int8 --output-json $R/latency_int8.json
+$B bench int8 --output-json $R/int8_quality.json
+# prefix caching: 32 requests sharing a 1,000-token system prompt
+$B bench throughput --max-model-len 2048 --num-prompts 32 --shared-prefix-len 1000 --input-len 16 64 --output-len 32 32 --output-json $R/shared_prefix_cache_on.json
+$B bench throughput --max-model-len 2048 --num-prompts 32 --shared-prefix-len 1000 --input-len 16 64 --output-len 32 32 --no-enable-prefix-caching --output-json $R/shared_prefix_cache_off.json
+# chunked prefill: a short request behind a 4,000-token prompt
+$B bench interference --output-json $R/interference.json
+# parallelism on this CPU: the embedded model has 9 heads / 3 KV heads, so TP is 3; W1 halved
+$B bench throughput --max-model-len 1024 --num-prompts 32 --output-json $R/w1_half_tp1.json
+$B bench throughput --max-model-len 1024 --num-prompts 32 --tensor-parallel-size 3 --output-json $R/w1_half_tp3.json
+$B bench throughput --max-model-len 1024 --num-prompts 32 --data-parallel-size 2 --output-json $R/w1_half_dp2.json
+# serving: a real server under fixed concurrency
+$B serve --max-model-len 1024 --port 8123 --log-level warning & SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+until curl -sf http://127.0.0.1:8123/health >/dev/null; do sleep 1; done
+for c in 1 4 16; do
+  $B bench serve --base-url http://127.0.0.1:8123 --num-prompts $((c * 4 > 8 ? c * 4 : 8)) --max-concurrency $c \
+    --input-len 32 512 --output-len 64 64 --output-json $R/serve_c$c.json
+done
+kill $SERVER
+.venv/bin/python benchmarks/report.py
