@@ -58,10 +58,19 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
         "prefix_cache_hit_tokens": _prefix_hits(engine) - hits0,
         "settings": {"max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
                      "tensor_parallel_size": ns.tensor_parallel_size, "data_parallel_size": ns.data_parallel_size,
+                     "pipeline_parallel_size": ns.pipeline_parallel_size,
                      "quantization": ns.quantization,
                      "enable_prefix_caching": ns.enable_prefix_caching, "enable_chunked_prefill": ns.enable_chunked_prefill,
                      "shared_prefix_len": ns.shared_prefix_len, "input_len": ns.input_len, "output_len": ns.output_len},
     }
+    if ns.pipeline_parallel_size > 1:
+        from pagedllm.distributed.pipeline import bubble_report
+
+        times = engine.executor.stage_times()
+        result["pipeline"] = bubble_report(times, micro_batches=len(times[0]))
+        bubbles = ", ".join(f"{100 * b:.0f} %" for b in result["pipeline"]["bubble_fraction"])
+        print(f"  pipeline: {len(times[0])} micro-batches; idle (bubble) per stage {bubbles}; "
+              f"ideal for a full pipeline {100 * result['pipeline']['ideal_bubble_fraction']:.1f} %")
     cfg, folder = engine.model_config, engine.model_path
     engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
     del llm, engine

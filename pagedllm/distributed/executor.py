@@ -45,6 +45,13 @@ class LocalExecutor:
     def run(self, step: StepInputs) -> torch.Tensor | None:
         return self.runner.run(step)
 
+    def submit(self, step: StepInputs) -> torch.Tensor | None:
+        """Start a step; without a pipeline it runs to the end, and its handle is its logits."""
+        return self.run(step)
+
+    def collect(self, flight: torch.Tensor | None) -> torch.Tensor | None:
+        return flight
+
     def check_health(self) -> None:
         pass
 
@@ -138,6 +145,11 @@ class TensorParallelExecutor:
             self.check_health()
             raise WorkerDiedError(f"tensor-parallel step failed: {exc}") from exc
 
+    submit = run
+
+    def collect(self, flight: torch.Tensor | None) -> torch.Tensor | None:
+        return flight
+
     def check_health(self) -> None:
         dead = [p for p in self.procs if not p.is_alive()]
         if dead or not self._alive:
@@ -222,6 +234,10 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
 
 
 def make_executor(args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
+    if args.pipeline_parallel_size > 1:
+        from pagedllm.distributed.pipeline import PipelineExecutor
+
+        return PipelineExecutor(args, cfg, folder, dtype, device)
     if args.tensor_parallel_size == 1:
         return LocalExecutor(ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization))
     return TensorParallelExecutor(args, cfg, folder, dtype, device)

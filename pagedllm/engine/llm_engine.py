@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,12 @@ from pagedllm.distributed.executor import WorkerDiedError, check_tensor_parallel
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
-from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.layers.sampler import SamplerOutput
 from pagedllm.memory.kv_sizing import cpu_default_kv_budget, kv_bytes_per_token
 from pagedllm.memory.units import format_bytes
+from pagedllm.memory.weights import partition_layers
 from pagedllm.model_executor.input_builder import StepInputs
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -34,6 +36,7 @@ def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch
     folder = resolve_model(args.model)
     cfg = ModelConfig.from_folder(folder)
     check_tensor_parallel(cfg, args.tensor_parallel_size)
+    partition_layers(cfg.num_layers, args.pipeline_parallel_size)  # raises if there are too few layers
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_cpu()
@@ -41,6 +44,18 @@ def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch
     if args.quantization == "int8" and args.dtype == "auto":
         dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
     return cfg, folder, dtype, device
+
+
+@dataclass
+class _Launched:
+    """A batch handed to the executor and not yet finished."""
+
+    out: SchedulerOutput
+    batch: list[ScheduledSeq]
+    rows: list[tuple[int, Sequence]]
+    forks: list[tuple[Sequence, Sequence]]
+    flight: object = None  # the executor's handle for collect()
+    error: Exception | None = None
 
 
 @dataclass
@@ -82,6 +97,7 @@ class LLMEngine:
             self.block_manager,
         )
         self.requests: dict[str, Request] = {}
+        self.in_flight: deque[_Launched] = deque()
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -91,7 +107,9 @@ class LLMEngine:
         """Size the pool: an explicit block count; on CUDA what is left of device memory · utilisation
         after the loaded weights and the peak activations of a profiled forward pass; on the CPU
         --kv-cache-memory or the documented default."""
-        per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, args.tensor_parallel_size)
+        stage_layers = partition_layers(self.model_config.num_layers, args.pipeline_parallel_size)[0]  # the largest
+        per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, args.tensor_parallel_size,
+                                       stage_layers[1] - stage_layers[0])
         per_block = per_token * args.block_size
         weights = self.runner.weight_bytes
         if args.num_gpu_blocks_override is not None:
@@ -193,37 +211,67 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass over everything scheduled; outputs of the requests it touched."""
-        out = self.scheduler.schedule()
-        if not out.scheduled:
+        """Run one batch (with pipeline parallelism: keep up to one micro-batch per stage in flight and finish
+        the oldest); outputs of the requests it touched."""
+        depth = self.args.pipeline_parallel_size
+        while len(self.in_flight) < depth:
+            launched = self._launch(depth - len(self.in_flight))
+            if launched is None:
+                break
+            self.in_flight.append(launched)
+            if depth == 1:
+                break
+        if not self.in_flight:
             return []
+        return self._finish(self.in_flight.popleft())
+
+    def _launch(self, share: int = 1) -> _Launched | None:
+        out = self.scheduler.schedule(share)
+        if not out.scheduled:
+            return None
         # decodes first, by context length; then prompt chunks, by length (see model_executor/context.py)
         batch = sorted(out.scheduled, key=lambda s: (s.num_new_tokens != 1, s.num_new_tokens, s.seq.num_computed_tokens))
         rows: list[tuple[int, Sequence]] = []  # (batch row whose last token is sampled, the sequence it samples for)
         forks = []
+        now = time.time()
         for i, s in enumerate(batch):
+            s.seq.in_flight = True
+            if s.seq.request.metrics.first_scheduled_time is None:
+                s.seq.request.metrics.first_scheduled_time = now
             if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
                 rows.append((i, s.seq))
                 for k in range(1, s.num_samples):
                     child = s.seq.fork(k)
                     forks.append((s.seq, child))
                     rows.append((i, child))
-        now = time.time()
-        for s in batch:
-            if s.seq.request.metrics.first_scheduled_time is None:
-                s.seq.request.metrics.first_scheduled_time = now
+        launched = _Launched(out, batch, rows, forks)
         try:
-            logits = self.executor.run(StepInputs.from_batch(batch, out.blocks_to_copy, [i for i, _ in rows]))
+            step = StepInputs.from_batch(batch, out.blocks_to_copy, [i for i, _ in rows])
+            launched.flight = self.executor.submit(step)
+        except Exception as exc:
+            launched.error = exc
+        return launched
+
+    def _finish(self, launched: _Launched) -> list[RequestOutput]:
+        out, batch, rows = launched.out, launched.batch, launched.rows
+        for s in batch:
+            s.seq.in_flight = False
+        try:
+            if launched.error is not None:
+                raise launched.error
+            logits = self.executor.collect(launched.flight)
             result = self.runner.sample(logits, [seq for _, seq in rows]) if rows else None
         except WorkerDiedError:  # the group is broken: nothing can run any more
-            self._fail(set(self.requests.values()), "engine error: a tensor-parallel worker died")
+            self._fail(set(self.requests.values()), "engine error: a tensor- or pipeline-parallel worker died")
             raise
         except Exception as exc:  # a failing step fails only the requests in it
             logger.exception("engine step failed")
             self.block_manager.reset_prefix_cache()  # blocks registered for this step may hold no K/V
             return self._fail({s.seq.request for s in batch}, f"engine error: {exc}")
         self.scheduler.update_after_step(out)
-        for parent, child in forks:
+        for parent, child in launched.forks:
+            if parent.is_finished:  # aborted while its batch was in flight
+                continue
             child.num_computed_tokens = parent.num_computed_tokens
             self.scheduler.fork(parent, child)
             parent.request.seqs.append(child)
@@ -237,6 +285,8 @@ class LLMEngine:
         tokens = result.token_ids.tolist()
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         for j, ((_, seq), token) in enumerate(zip(rows, tokens)):
+            if seq.is_finished:  # aborted while its batch was in flight
+                continue
             seq.token_ids.append(token)
             self.num_generation_tokens += 1
             m = seq.request.metrics

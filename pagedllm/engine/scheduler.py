@@ -74,16 +74,24 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, share: int = 1) -> SchedulerOutput:
+        """The next batch. With `share` > 1 (micro-batches still to launch into a pipeline) it takes only its
+        share of the sequences that could run, so the remaining micro-batches get theirs."""
         out = SchedulerOutput()
+        ready = sum(1 for s in self.running if not s.in_flight) + len(self.waiting)
+        max_seqs = -(-ready // share) if share > 1 else len(self.running) + len(self.waiting)
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < max_seqs:
             seq = self.running[i]
+            if seq.in_flight:  # its previous micro-batch has not come back yet
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.config.max_chunk)
             while not bm.can_allocate(seq, num_new):
-                victim = self.running.pop()  # the newest
+                victim = next(s for s in reversed(self.running) if not s.in_flight)  # the newest that can stop
+                self.running.remove(victim)
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -95,7 +103,8 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.scheduled) < max_seqs):
             seq = self.waiting[0]
             cached = bm.find_cached_prefix(seq)
             num_new = seq.num_tokens - len(cached) * bm.block_size

@@ -36,6 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV pool size on the CPU, e.g. 4GiB")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="shard every layer over this many processes (gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages in their own processes, micro-batches in flight")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="full model replicas in their own processes, requests spread over them")
     g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
@@ -49,7 +51,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         enable_chunked_prefill=ns.enable_chunked_prefill, gpu_memory_utilization=ns.gpu_memory_utilization,
         num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
         quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
-        data_parallel_size=ns.data_parallel_size,
+        data_parallel_size=ns.data_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
     )
 
 

@@ -12,13 +12,14 @@ from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.model_executor.context import attention_metadata
 from pagedllm.model_executor.input_builder import InputBuilder, StepInputs
 from pagedllm.model_loader.weights import build_model
+from pagedllm.models.decoder import Stage
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 quantization: str | None = None):
+                 quantization: str | None = None, stage: Stage | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.model = build_model(cfg, folder, dtype, device, quantization)
+        self.model = build_model(cfg, folder, dtype, device, quantization, stage)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sampler = Sampler(seed)
         self.kv_cache: torch.Tensor | None = None
@@ -70,18 +71,22 @@ class ModelRunner:
 
     # ---- step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> torch.Tensor:
-        """Hidden states of every token of the step (their K/V are written into the pool)."""
+    def forward(self, step: StepInputs, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """This stage's layers over every token of the step (their K/V are written into the pool): hidden states,
+        or (hidden, residual) for the next pipeline stage."""
         input_ids, positions, meta = self.inputs.build(step)
         with attention_metadata(meta):
-            return self.model(input_ids, positions)
+            return self.model(input_ids, positions, hidden, residual)
 
     @torch.inference_mode()
-    def run(self, step: StepInputs) -> torch.Tensor | None:
-        """Run one step; logits of the sampled rows (every tensor-parallel rank computes them)."""
+    def run(self, step: StepInputs, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Run one step: logits of the sampled rows (every tensor-parallel rank computes them), or, on a pipeline
+        stage before the last, the (hidden, residual) to pass on."""
         if len(step.copies):
             self.copy_blocks(step.copies)
-        hidden = self.forward(step)
+        hidden = self.forward(step, hidden, residual)
+        if not self.model.stage.last:
+            return hidden
         if not len(step.sample_rows):
             return None
         last = torch.cumsum(step.lens, 0) - 1

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedllm.config import ModelConfig
-from pagedllm.models.decoder import DecoderForCausalLM
+from pagedllm.models.decoder import DecoderForCausalLM, Stage
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -31,15 +31,20 @@ def _default_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 def load_weights(model: DecoderForCausalLM, folder: str) -> None:
     params = dict(model.named_parameters())
+    tied = model.config.tie_word_embeddings
+    # a tied LM head on a pipeline's last stage, apart from the embedding, loads the embedding's weights
+    own_tied_head = tied and model.lm_head is not None and model.model.embed_tokens is None
     loaded_names: set[str] = set()
     for path in _safetensors_files(folder):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if model.config.tie_word_embeddings and name == "lm_head.weight":
+                if tied and name == "lm_head.weight":
                     continue
                 target, shard_id = name, None
+                if own_tied_head and name == "model.embed_tokens.weight":
+                    target = "lm_head.weight"
                 for ckpt_part, (ours, sid) in model.packed_modules.items():
-                    if f".{ckpt_part}." in name:
+                    if f".{ckpt_part}." in target:
                         target, shard_id = name.replace(ckpt_part, ours), sid
                         break
                 param = params.get(target)
@@ -48,19 +53,20 @@ def load_weights(model: DecoderForCausalLM, folder: str) -> None:
                 loader = getattr(param, "weight_loader", _default_loader)
                 loader(param, f.get_slice(name), shard_id)
                 loaded_names.add(target)
-    missing = sorted(set(params) - loaded_names - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    shared_head = tied and model.lm_head is not None and model.model.embed_tokens is not None
+    missing = sorted(set(params) - loaded_names - ({"lm_head.weight"} if shared_head else set()))
     if missing:
         raise ValueError(f"checkpoint {folder} lacks weights for: {', '.join(missing[:5])}")
 
 
 def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device,
-                quantization: str | None = None) -> DecoderForCausalLM:
+                quantization: str | None = None, stage: Stage | None = None) -> DecoderForCausalLM:
     """Allocate the model directly in the target dtype and device, then load weights in place."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = DecoderForCausalLM(cfg)
+            model = DecoderForCausalLM(cfg, stage)
     finally:
         torch.set_default_dtype(default_dtype)
     load_weights(model, folder)

@@ -7,6 +7,8 @@ HF checkpoints so weights load by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -76,18 +78,40 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)  # one table, shared
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+@dataclass(frozen=True)
+class Stage:
+    """The layers [start, end) one pipeline stage holds; the first also embeds, the last also norms and
+    projects to logits. The default is the whole model."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    start: int
+    end: int
+    first: bool = True
+    last: bool = True
+
+
+class MissingLayer(nn.Module):
+    """Stands in for another stage's layer so parameter names keep their global layer index."""
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, stage: Stage):
+        super().__init__()
+        self.stage = stage
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.first else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)  # one table, shared
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) if stage.start <= i < stage.end else MissingLayer()
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The first stage starts from token ids, later ones from the previous stage's (hidden, residual).
+        The last stage returns normed hidden states, the others (hidden, residual) for the next stage."""
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
+        for layer in self.layers[self.stage.start:self.stage.end]:
             x, residual = layer(positions, x, residual)
+        if self.norm is None:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -99,26 +123,30 @@ class DecoderForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, stage: Stage | None = None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
+        self.stage = stage or Stage(0, cfg.num_layers)
+        self.model = DecoderModel(cfg, self.stage)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if self.stage.last else None
+        if cfg.tie_word_embeddings and self.stage.first and self.stage.last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None):
+        return self.model(input_ids, positions, hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def quantize_int8_(self) -> None:
-        """int8 weight-only: every linear layer and the embedding / LM head (shared when tied)."""
+        """int8 weight-only: every linear layer and the embedding / LM head (shared when tied on one stage)."""
+        shared = self.lm_head is not None and self.model.embed_tokens is not None and \
+            self.lm_head.weight is self.model.embed_tokens.weight
         for module in self.modules():
-            if isinstance(module, LinearBase) or module is self.model.embed_tokens or (
-                    module is self.lm_head and not self.config.tie_word_embeddings):
+            if isinstance(module, LinearBase) or (module is not None and module is self.model.embed_tokens) or (
+                    module is self.lm_head and module is not None and not shared):
                 quantize_module_(module)
-        if self.config.tie_word_embeddings:
+        if shared:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.weight_scale = self.model.embed_tokens.weight_scale

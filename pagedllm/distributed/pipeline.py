@@ -1,0 +1,212 @@
+"""Pipeline parallelism: contiguous layer stages in their own processes, several micro-batches in flight.
+
+Rank 0 (the engine's process) is stage 0 and holds the scheduler. For each micro-batch it sends the
+step's compact tensors to every stage (point-to-point, without waiting), runs its own layers and
+sends (hidden, residual) on; each later stage receives them, runs its layers and passes them on;
+the last stage sends the sampled rows' logits back to rank 0. Sends never wait, so while a later
+stage works on batch k, stage 0 already runs batch k + 1 — the assembly line of the brief. Every
+stage records when it was busy, so the pipeline's bubbles can be measured.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.distributed.executor import COLLECTIVE_TIMEOUT, WorkerDiedError, _backend, _free_port, _threads_per_rank
+from pagedllm.memory.weights import partition_layers
+from pagedllm.model_executor.input_builder import StepInputs
+from pagedllm.model_executor.model_runner import ModelRunner
+from pagedllm.models.decoder import Stage
+
+CMD_STEP, CMD_ALLOC, CMD_STOP, CMD_TIMES = 0, 1, 2, 3
+TAG_DATA, TAG_TIMES = 0, 1
+
+
+def stage_of(cfg: ModelConfig, rank: int, world: int) -> Stage:
+    start, end = partition_layers(cfg.num_layers, world)[rank]
+    return Stage(start, end, first=rank == 0, last=rank == world - 1)
+
+
+@dataclass
+class InFlight:
+    """A micro-batch sent into the pipeline; its logits arrive later from the last stage."""
+
+    num_rows: int
+    sends: list = field(default_factory=list)  # pending isend works (their tensors must stay alive)
+    tensors: list = field(default_factory=list)
+
+
+class PipelineExecutor:
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
+        if device.type != "cpu":
+            raise ValueError("pipeline parallelism runs on the CPU (gloo) for now")
+        self.world = world = args.pipeline_parallel_size
+        self.cfg, self.dtype = cfg, dtype
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        self.procs = []
+        for rank in range(1, world):
+            p = ctx.Process(target=stage_main, args=(rank, world, init, args, cfg, folder, dtype),
+                            name=f"pagedllm-pp{rank}", daemon=True)
+            p.start()
+            self.procs.append(p)
+        torch.set_num_threads(_threads_per_rank(world))
+        dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        self.runner = ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization, stage_of(cfg, 0, world))
+        self.times: list[tuple[float, float]] = []  # stage 0's busy intervals
+        self._alive = True
+        atexit.register(self.shutdown)
+
+    # ---- transport ----------------------------------------------------------------------------
+    def _send_all(self, cmd: int, payload: torch.Tensor) -> list:
+        self.check_health()
+        header = torch.tensor([cmd, payload.numel()])
+        works = []
+        try:
+            for rank in range(1, self.world):
+                works.append(dist.isend(header, rank, tag=TAG_DATA))
+                if payload.numel():
+                    works.append(dist.isend(payload, rank, tag=TAG_DATA))
+        except Exception as exc:
+            self._alive = False
+            raise WorkerDiedError(f"a pipeline stage is gone: {exc}") from exc
+        return [header, payload], works
+
+    def submit(self, step: StepInputs) -> InFlight:
+        tensors, works = self._send_all(CMD_STEP, step.pack())
+        start = time.time()
+        hidden, residual = self.runner.run(step)
+        self.times.append((start, time.time()))
+        hidden, residual = hidden.contiguous(), residual.contiguous()
+        works += [dist.isend(hidden, 1, tag=TAG_DATA), dist.isend(residual, 1, tag=TAG_DATA)]
+        return InFlight(len(step.sample_rows), works, tensors + [hidden, residual])
+
+    def collect(self, flight: InFlight) -> torch.Tensor | None:
+        try:
+            logits = None
+            if flight.num_rows:
+                logits = torch.empty(flight.num_rows, self.cfg.vocab_size, dtype=self.dtype)
+                dist.recv(logits, self.world - 1, tag=TAG_DATA)
+            for w in flight.sends:
+                w.wait()
+        except Exception as exc:
+            self._alive = False
+            self.check_health()
+            raise WorkerDiedError(f"a pipeline stage is gone: {exc}") from exc
+        return logits
+
+    def run(self, step: StepInputs) -> torch.Tensor | None:
+        return self.collect(self.submit(step))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        _, works = self._send_all(CMD_ALLOC, torch.tensor([num_blocks, block_size]))
+        for w in works:
+            w.wait()
+        self.runner.allocate_kv_cache(num_blocks, block_size)
+
+    def stage_times(self) -> list[list[tuple[float, float]]]:
+        """Every stage's busy intervals (wall-clock seconds) since start. Call with nothing in flight."""
+        _, works = self._send_all(CMD_TIMES, torch.zeros(0, dtype=torch.long))
+        out = [list(self.times)]
+        for rank in range(1, self.world):
+            n = torch.zeros(1, dtype=torch.long)
+            dist.recv(n, rank, tag=TAG_TIMES)
+            t = torch.zeros(int(n), 2, dtype=torch.float64)
+            if int(n):
+                dist.recv(t, rank, tag=TAG_TIMES)
+            out.append([tuple(x) for x in t.tolist()])
+        for w in works:
+            w.wait()
+        return out
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def check_health(self) -> None:
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead or not self._alive:
+            self._alive = False
+            names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in dead) or "a peer"
+            raise WorkerDiedError(f"pipeline stage died: {names}; restart the engine")
+
+    def shutdown(self) -> None:
+        if not dist.is_initialized():
+            return
+        if self._alive and all(p.is_alive() for p in self.procs):
+            try:
+                _, works = self._send_all(CMD_STOP, torch.zeros(0, dtype=torch.long))
+                for w in works:
+                    w.wait()
+            except (WorkerDiedError, RuntimeError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._alive = False
+        dist.destroy_process_group()
+
+
+def stage_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
+               dtype: torch.dtype) -> None:
+    """A later pipeline stage: receive a step, its input activations, run its layers, pass the result on."""
+    from pagedllm.platform import tune_cpu
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops us
+    tune_cpu()
+    torch.set_num_threads(_threads_per_rank(world))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    stage = stage_of(cfg, rank, world)
+    runner = ModelRunner(cfg, folder, dtype, torch.device("cpu"), args.seed, args.quantization, stage)
+    times: list[tuple[float, float]] = []
+    try:
+        while True:
+            header = torch.zeros(2, dtype=torch.long)
+            dist.recv(header, 0, tag=TAG_DATA)
+            cmd, n = header.tolist()
+            payload = torch.zeros(n, dtype=torch.long)
+            if n:
+                dist.recv(payload, 0, tag=TAG_DATA)
+            if cmd == CMD_STOP:
+                break
+            if cmd == CMD_ALLOC:
+                runner.allocate_kv_cache(*payload.tolist())
+            elif cmd == CMD_TIMES:
+                dist.send(torch.tensor([len(times)]), 0, tag=TAG_TIMES)
+                if times:
+                    dist.send(torch.tensor(times, dtype=torch.float64), 0, tag=TAG_TIMES)
+            else:
+                step = StepInputs.unpack(payload)
+                shape = (len(step.token_ids), cfg.hidden_size)
+                hidden, residual = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+                dist.recv(hidden, rank - 1, tag=TAG_DATA)
+                dist.recv(residual, rank - 1, tag=TAG_DATA)
+                start = time.time()
+                out = runner.run(step, hidden, residual)
+                times.append((start, time.time()))
+                if stage.last:
+                    if out is not None:
+                        dist.send(out.contiguous(), 0, tag=TAG_DATA)
+                else:
+                    dist.send(out[0].contiguous(), rank + 1, tag=TAG_DATA)
+                    dist.send(out[1].contiguous(), rank + 1, tag=TAG_DATA)
+    finally:
+        dist.destroy_process_group()
+
+
+def bubble_report(times: list[list[tuple[float, float]]], micro_batches: int) -> dict:
+    """Per-stage busy fraction over the span from the first stage's first start to the last stage's last end,
+    beside the ideal bubble (N - 1) / (M + N - 1) for M micro-batches on N stages."""
+    start = min(t[0][0] for t in times if t)
+    end = max(t[-1][1] for t in times if t)
+    wall = max(end - start, 1e-9)
+    busy = [sum(b - a for a, b in t) / wall for t in times]
+    n = len(times)
+    return {"stages": n, "micro_batches": micro_batches, "busy_fraction": busy,
+            "bubble_fraction": [1 - b for b in busy], "ideal_bubble_fraction": (n - 1) / (micro_batches + n - 1)}
