@@ -21,6 +21,7 @@ $B bench interference --output-json $R/interference.json
 $B bench throughput --max-model-len 1024 --num-prompts 32 --output-json $R/w1_half_tp1.json
 $B bench throughput --max-model-len 1024 --num-prompts 32 --tensor-parallel-size 3 --output-json $R/w1_half_tp3.json
 $B bench throughput --max-model-len 1024 --num-prompts 32 --data-parallel-size 2 --output-json $R/w1_half_dp2.json
+$B bench throughput --max-model-len 1024 --num-prompts 32 --pipeline-parallel-size 2 --output-json $R/w1_half_pp2.json
 # serving: a real server under fixed concurrency
 $B serve --max-model-len 1024 --port 8123 --log-level warning & SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
