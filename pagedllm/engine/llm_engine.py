@@ -204,6 +204,11 @@ class LLMEngine:
     def shutdown(self) -> None:
         for rid in list(self.requests):
             self.abort_request(rid)
+        try:
+            while self.in_flight:  # let the pipeline drain so no stage is left sending to us
+                self._finish(self.in_flight.popleft())
+        except RuntimeError:
+            pass
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
