@@ -121,6 +121,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
     quantization: str | None = None
     disable_log_stats: bool = True
 
@@ -142,6 +143,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
+        if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
+            raise ValueError(f"data_parallel_routing must be least-loaded or prefix-affinity, got {self.data_parallel_routing!r}")
         if self.pipeline_parallel_size > 1 and self.tensor_parallel_size > 1:
             raise ValueError("tensor and pipeline parallelism together (a TP x PP grid) are not supported yet")
         if self.dtype != "auto":

@@ -81,3 +81,18 @@ def test_server_in_front_of_replicas(tiny_models):
         assert http.get("/health").json()["status"] == "ok"
         assert http.post("/v1/completions", json={"prompt": [5] * 200}).status_code == 400
     assert not any(r.proc.is_alive() for r in engine.replicas)
+
+
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_dp_combines_with_tp(tiny_models):
+    prefix = random_prompts(1, 40, 40, seed=81)[0]
+    prompts = [prefix + tail for tail in random_prompts(6, 2, 10, seed=82)]
+    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=128, data_parallel_size=2,
+              tensor_parallel_size=2, data_parallel_routing="prefix-affinity")
+    try:
+        ids = [llm.engine.add_request({"prompt_token_ids": p}, PARAMS) for p in prompts]
+        assert len({llm.engine.requests[rid].replica for rid in ids}) == 1
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+        assert sum(stats.prefix_cache_hits for _, stats in llm.get_stats()) > 0
+    finally:
+        llm.engine.shutdown()

@@ -9,6 +9,7 @@ replica that dies fails only its in-flight requests; the others keep serving.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing.connection as mpc
@@ -26,6 +27,7 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
 POLL_S = 0.05
+AFFINITY_SLACK_TOKENS = 8192  # prefix affinity yields to least-loaded beyond 2x the lightest load plus this
 
 
 def _cores_for(index: int, replicas: int) -> set[int]:
@@ -52,7 +54,10 @@ def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Conn
     results.send(("ready", None))
     while True:
         while commands.poll(0 if engine.has_unfinished_requests() else POLL_S):
-            kind, *rest = commands.recv()
+            try:
+                kind, *rest = commands.recv()
+            except EOFError:  # the front is gone: nobody to serve
+                kind = "stop"
             if kind == "stop":
                 engine.shutdown()
                 return
@@ -113,8 +118,9 @@ class DataParallelEngine:
         for i in range(args.data_parallel_size):
             cmd_recv, cmd_send = ctx.Pipe(duplex=False)
             res_recv, res_send = ctx.Pipe(duplex=False)
+            # not a daemon: a replica may spawn tensor-parallel workers of its own; it exits when the front's pipe closes
             proc = ctx.Process(target=replica_main, args=(i, args.data_parallel_size, replica_args, cmd_recv, res_send),
-                               name=f"pagedllm-dp{i}", daemon=True)
+                               name=f"pagedllm-dp{i}")
             proc.start()
             self.replicas.append(_Replica(i, proc, cmd_send, res_recv))
         for r in self.replicas:
@@ -122,6 +128,7 @@ class DataParallelEngine:
             if kind != "ready":
                 self.shutdown()
                 raise ValueError(f"data-parallel replica {r.index} failed to start: {detail}")
+        atexit.register(self.shutdown)
         logger.info("data parallel: %d replicas of %s", len(self.replicas), self.model_config.name)
 
     # ---- the engine interface -----------------------------------------------------------------
@@ -138,6 +145,17 @@ class DataParallelEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        target = self._route(ids)
+        max_new = params.max_tokens or self.max_model_len - len(ids)
+        self.requests[request_id] = _Pending(target.index, text, ids, params, max_new * params.n)
+        target.commands.send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params))
+        target.requests_sent += 1
+        self.num_prompt_tokens += len(ids)
+        return request_id
+
+    def _route(self, ids: list[int]) -> _Replica:
+        """The replica with the least outstanding work; with prefix affinity, the replica a prompt's first
+        block hashes to (so prompts sharing a prefix share one prefix cache), unless it is far busier."""
         live = [r for r in self.replicas if r.alive]
         if not live:
             raise RuntimeError("no data-parallel replica is alive")
@@ -145,13 +163,13 @@ class DataParallelEngine:
         for p in self.requests.values():
             if p.replica in load:
                 load[p.replica] += p.outstanding
-        target = min(live, key=lambda r: (load[r.index], r.index))
-        max_new = params.max_tokens or self.max_model_len - len(ids)
-        self.requests[request_id] = _Pending(target.index, text, ids, params, max_new * params.n)
-        target.commands.send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params))
-        target.requests_sent += 1
-        self.num_prompt_tokens += len(ids)
-        return request_id
+        least = min(live, key=lambda r: (load[r.index], r.index))
+        block = self.args.block_size
+        if self.args.data_parallel_routing == "prefix-affinity" and len(ids) > block:
+            preferred = live[hash(tuple(ids[:block])) % len(live)]
+            if load[preferred.index] <= 2 * load[least.index] + AFFINITY_SLACK_TOKENS:
+                return preferred
+        return least
 
     def abort_request(self, request_id: str) -> None:
         pending = self.requests.pop(request_id, None)

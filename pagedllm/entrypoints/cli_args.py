@@ -40,6 +40,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
                    help="split the layers into this many stages in their own processes, micro-batches in flight")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="full model replicas in their own processes, requests spread over them")
+    g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
+                   help="how requests are spread over data-parallel replicas")
     g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
 
 
@@ -52,6 +54,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
         quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
         data_parallel_size=ns.data_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
+        data_parallel_routing=ns.data_parallel_routing,
     )
 
 
