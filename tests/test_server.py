@@ -162,6 +162,12 @@ def test_malformed_json_and_api_key(server):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_echo_prepends_the_prompt(client):
+    plain = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Hello world" + plain.choices[0].text
+
+
 def test_models_tokenize_detokenize(server, client):
     base, _ = server
     assert [m.id for m in client.models.list().data] == ["tiny"]
