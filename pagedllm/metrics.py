@@ -35,6 +35,14 @@ class _EngineCollector:
         self.engine, self.labels = engine, labels
 
     def collect(self):
+        fractions = getattr(getattr(self.engine, "executor", None), "busy_fractions", None)
+        if fractions is not None:
+            fam = GaugeMetricFamily("pagedllm:pipeline_stage_busy_fraction",
+                                    "Busy time over wall time per pipeline stage (1 - bubble fraction)",
+                                    labels=[*self.labels, "stage"])
+            for stage, value in enumerate(fractions()):
+                fam.add_metric([*self.labels.values(), str(stage)], value)
+            yield fam
         snapshot = self.engine.stats()
         for kinds, cls in ((_GAUGES, GaugeMetricFamily), (_COUNTERS, CounterMetricFamily)):
             for field, (name, doc) in kinds.items():

@@ -59,6 +59,14 @@ def test_two_batches_in_flight_overlap_across_stages(tiny_models):
         assert overlaps > 0
         report = bubble_report([stage0, stage1], micro_batches=len(stage0))
         assert 0 < report["busy_fraction"][0] <= 1 and 0 < report["busy_fraction"][1] <= 1
+        busy = llm.engine.executor.busy_fractions()  # what /metrics exports, carried back with every batch
+        assert len(busy) == 2 and all(0 < b <= 1 for b in busy)
+
+        from pagedllm.metrics import Metrics
+        from prometheus_client import generate_latest
+
+        text = generate_latest(Metrics(llm.engine).registry).decode()
+        assert 'pagedllm:pipeline_stage_busy_fraction{model_name="llama",stage="1"}' in text
     finally:
         llm.engine.shutdown()
 

@@ -62,6 +62,8 @@ class PipelineExecutor:
         dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
         self.runner = ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization, stage_of(cfg, 0, world))
         self.times: list[tuple[float, float]] = []  # stage 0's busy intervals
+        self.busy = [0.0] * world  # every stage's busy seconds so far, as the last finished batch reported them
+        self.started: float | None = None
         self._alive = True
         atexit.register(self.shutdown)
 
@@ -83,11 +85,15 @@ class PipelineExecutor:
     def submit(self, step: StepInputs) -> InFlight:
         tensors, works = self._send_all(CMD_STEP, step.pack())
         start = time.time()
+        self.started = self.started or start
         hidden, residual = self.runner.run(step)
         self.times.append((start, time.time()))
+        # every stage adds its busy seconds to this vector on the way; the last stage returns it with the logits
+        busy = torch.zeros(self.world, dtype=torch.float64)
+        busy[0] = sum(b - a for a, b in self.times)
         hidden, residual = hidden.contiguous(), residual.contiguous()
-        works += [dist.isend(hidden, 1, tag=TAG_DATA), dist.isend(residual, 1, tag=TAG_DATA)]
-        return InFlight(len(step.sample_rows), works, tensors + [hidden, residual])
+        works += [dist.isend(t, 1, tag=TAG_DATA) for t in (hidden, residual, busy)]
+        return InFlight(len(step.sample_rows), works, tensors + [hidden, residual, busy])
 
     def collect(self, flight: InFlight) -> torch.Tensor | None:
         try:
@@ -95,6 +101,9 @@ class PipelineExecutor:
             if flight.num_rows:
                 logits = torch.empty(flight.num_rows, self.cfg.vocab_size, dtype=self.dtype)
                 dist.recv(logits, self.world - 1, tag=TAG_DATA)
+            busy = torch.zeros(self.world, dtype=torch.float64)
+            dist.recv(busy, self.world - 1, tag=TAG_DATA)
+            self.busy = busy.tolist()
             for w in flight.sends:
                 w.wait()
         except Exception as exc:
@@ -111,6 +120,11 @@ class PipelineExecutor:
         for w in works:
             w.wait()
         self.runner.allocate_kv_cache(num_blocks, block_size)
+
+    def busy_fractions(self) -> list[float]:
+        """Each stage's busy time over the wall time since the first batch (1 - its bubble fraction)."""
+        wall = max(time.time() - self.started, 1e-9) if self.started else 0.0
+        return [b / wall if wall else 0.0 for b in self.busy]
 
     def stage_times(self) -> list[list[tuple[float, float]]]:
         """Every stage's busy intervals (wall-clock seconds) since start. Call with nothing in flight."""
@@ -185,17 +199,20 @@ def stage_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelCon
                 step = StepInputs.unpack(payload)
                 shape = (len(step.token_ids), cfg.hidden_size)
                 hidden, residual = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-                dist.recv(hidden, rank - 1, tag=TAG_DATA)
-                dist.recv(residual, rank - 1, tag=TAG_DATA)
+                busy = torch.zeros(world, dtype=torch.float64)
+                for t in (hidden, residual, busy):
+                    dist.recv(t, rank - 1, tag=TAG_DATA)
                 start = time.time()
                 out = runner.run(step, hidden, residual)
                 times.append((start, time.time()))
+                busy[rank] = sum(b - a for a, b in times)
                 if stage.last:
                     if out is not None:
                         dist.send(out.contiguous(), 0, tag=TAG_DATA)
+                    dist.send(busy, 0, tag=TAG_DATA)
                 else:
-                    dist.send(out[0].contiguous(), rank + 1, tag=TAG_DATA)
-                    dist.send(out[1].contiguous(), rank + 1, tag=TAG_DATA)
+                    for t in (out[0].contiguous(), out[1].contiguous(), busy):
+                        dist.send(t, rank + 1, tag=TAG_DATA)
     finally:
         dist.destroy_process_group()
 
