@@ -145,7 +145,5 @@ class EngineArgs:
             raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
         if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
             raise ValueError(f"data_parallel_routing must be least-loaded or prefix-affinity, got {self.data_parallel_routing!r}")
-        if self.pipeline_parallel_size > 1 and self.tensor_parallel_size > 1:
-            raise ValueError("tensor and pipeline parallelism together (a TP x PP grid) are not supported yet")
         if self.dtype != "auto":
             parse_dtype(self.dtype)

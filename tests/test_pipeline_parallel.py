@@ -62,8 +62,9 @@ def test_two_batches_in_flight_overlap_across_stages(tiny_models):
         busy = llm.engine.executor.busy_fractions()  # what /metrics exports, carried back with every batch
         assert len(busy) == 2 and all(0 < b <= 1 for b in busy)
 
-        from pagedllm.metrics import Metrics
         from prometheus_client import generate_latest
+
+        from pagedllm.metrics import Metrics
 
         text = generate_latest(Metrics(llm.engine).registry).decode()
         assert 'pagedllm:pipeline_stage_busy_fraction{model_name="llama",stage="1"}' in text
@@ -85,3 +86,18 @@ def test_killed_stage_gives_a_clear_error_quickly(tiny_models):
     assert not engine.requests
     engine.shutdown()
     assert not any(p.is_alive() for p in engine.executor.procs)
+
+
+def test_tp2_x_pp2_grid_matches_hf(tiny_models):
+    hf = HFReference(tiny_models["qwen3"])
+    prompts = PROMPTS[:6]
+    refs = [hf.greedy(p, MAX_TOKENS) for p in prompts]
+    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=128, pipeline_parallel_size=2,
+              tensor_parallel_size=2, max_num_seqs=4)
+    try:
+        for out, (ref, scores) in zip(_greedy(llm, prompts), refs):
+            assert_greedy_match(out, ref, scores)
+        assert_pool_empty(llm)
+        assert len(llm.engine.executor.procs) == 3
+    finally:
+        llm.engine.shutdown()

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from pagedllm.config import EngineArgs, ModelConfig
 from pagedllm.distributed.executor import COLLECTIVE_TIMEOUT, WorkerDiedError, _backend, _free_port, _threads_per_rank
+from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
 from pagedllm.memory.weights import partition_layers
 from pagedllm.model_executor.input_builder import StepInputs
 from pagedllm.model_executor.model_runner import ModelRunner
@@ -30,9 +31,30 @@ CMD_STEP, CMD_ALLOC, CMD_STOP, CMD_TIMES = 0, 1, 2, 3
 TAG_DATA, TAG_TIMES = 0, 1
 
 
-def stage_of(cfg: ModelConfig, rank: int, world: int) -> Stage:
-    start, end = partition_layers(cfg.num_layers, world)[rank]
-    return Stage(start, end, first=rank == 0, last=rank == world - 1)
+@dataclass(frozen=True)
+class Grid:
+    """pp stages of tp ranks each: rank = stage * tp + tp_rank. Rank 0 is stage 0's first tensor-parallel rank."""
+
+    tp: int
+    pp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp
+
+    def rank(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    def join(self, rank: int, init: str, backend: str) -> None:
+        """Join the world and this rank's stage's tensor-parallel group (every rank creates every group)."""
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
+        groups = [dist.new_group([self.rank(s, i) for i in range(self.tp)]) for s in range(self.pp)]
+        stage, tp_rank = divmod(rank, self.tp)
+        set_tp_group(TPGroup(tp_rank, self.tp, groups[stage]))
+
+    def stage(self, cfg: ModelConfig, stage: int) -> Stage:
+        start, end = partition_layers(cfg.num_layers, self.pp)[stage]
+        return Stage(start, end, first=stage == 0, last=stage == self.pp - 1)
 
 
 @dataclass
@@ -48,21 +70,22 @@ class PipelineExecutor:
     def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
         if device.type != "cpu":
             raise ValueError("pipeline parallelism runs on the CPU (gloo) for now")
-        self.world = world = args.pipeline_parallel_size
+        self.grid = grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size)
+        self.world, self.stages = grid.world, grid.pp
         self.cfg, self.dtype = cfg, dtype
         init = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         self.procs = []
-        for rank in range(1, world):
-            p = ctx.Process(target=stage_main, args=(rank, world, init, args, cfg, folder, dtype),
-                            name=f"pagedllm-pp{rank}", daemon=True)
+        for rank in range(1, grid.world):
+            p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype),
+                            name=f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}", daemon=True)
             p.start()
             self.procs.append(p)
-        torch.set_num_threads(_threads_per_rank(world))
-        dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-        self.runner = ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization, stage_of(cfg, 0, world))
+        torch.set_num_threads(_threads_per_rank(grid.world))
+        grid.join(0, init, _backend(device))
+        self.runner = ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization, grid.stage(cfg, 0))
         self.times: list[tuple[float, float]] = []  # stage 0's busy intervals
-        self.busy = [0.0] * world  # every stage's busy seconds so far, as the last finished batch reported them
+        self.busy = [0.0] * grid.pp  # every stage's busy seconds so far, as the last finished batch reported them
         self.started: float | None = None
         self._alive = True
         atexit.register(self.shutdown)
@@ -89,20 +112,22 @@ class PipelineExecutor:
         hidden, residual = self.runner.run(step)
         self.times.append((start, time.time()))
         # every stage adds its busy seconds to this vector on the way; the last stage returns it with the logits
-        busy = torch.zeros(self.world, dtype=torch.float64)
+        busy = torch.zeros(self.stages, dtype=torch.float64)
         busy[0] = sum(b - a for a, b in self.times)
         hidden, residual = hidden.contiguous(), residual.contiguous()
-        works += [dist.isend(t, 1, tag=TAG_DATA) for t in (hidden, residual, busy)]
+        nxt = self.grid.rank(1, 0)
+        works += [dist.isend(t, nxt, tag=TAG_DATA) for t in (hidden, residual, busy)]
         return InFlight(len(step.sample_rows), works, tensors + [hidden, residual, busy])
 
     def collect(self, flight: InFlight) -> torch.Tensor | None:
         try:
             logits = None
+            last = self.grid.rank(self.stages - 1, 0)
             if flight.num_rows:
                 logits = torch.empty(flight.num_rows, self.cfg.vocab_size, dtype=self.dtype)
-                dist.recv(logits, self.world - 1, tag=TAG_DATA)
-            busy = torch.zeros(self.world, dtype=torch.float64)
-            dist.recv(busy, self.world - 1, tag=TAG_DATA)
+                dist.recv(logits, last, tag=TAG_DATA)
+            busy = torch.zeros(self.stages, dtype=torch.float64)
+            dist.recv(busy, last, tag=TAG_DATA)
             self.busy = busy.tolist()
             for w in flight.sends:
                 w.wait()
@@ -130,7 +155,7 @@ class PipelineExecutor:
         """Every stage's busy intervals (wall-clock seconds) since start. Call with nothing in flight."""
         _, works = self._send_all(CMD_TIMES, torch.zeros(0, dtype=torch.long))
         out = [list(self.times)]
-        for rank in range(1, self.world):
+        for rank in (self.grid.rank(stage, 0) for stage in range(1, self.stages)):
             n = torch.zeros(1, dtype=torch.long)
             dist.recv(n, rank, tag=TAG_TIMES)
             t = torch.zeros(int(n), 2, dtype=torch.float64)
@@ -165,18 +190,24 @@ class PipelineExecutor:
                 p.kill()
         self._alive = False
         dist.destroy_process_group()
+        set_tp_group(TPGroup())
 
 
-def stage_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
+def stage_main(rank: int, grid: Grid, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
                dtype: torch.dtype) -> None:
-    """A later pipeline stage: receive a step, its input activations, run its layers, pass the result on."""
+    """Any rank but 0: receive a step (and, after the first stage, its input activations from the same
+    tensor-parallel rank of the previous stage), run this stage's layers, pass the result on."""
     from pagedllm.platform import tune_cpu
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops us
     tune_cpu()
-    torch.set_num_threads(_threads_per_rank(world))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    stage = stage_of(cfg, rank, world)
+    torch.set_num_threads(_threads_per_rank(grid.world))
+    grid.join(rank, init, "gloo")
+    stage_index, tp_rank = divmod(rank, grid.tp)
+    stage = grid.stage(cfg, stage_index)
+    prev = grid.rank(stage_index - 1, tp_rank) if not stage.first else None
+    nxt = grid.rank(stage_index + 1, tp_rank) if not stage.last else None
+    reports = tp_rank == 0  # one rank per stage reports busy times and returns the logits
     runner = ModelRunner(cfg, folder, dtype, torch.device("cpu"), args.seed, args.quantization, stage)
     times: list[tuple[float, float]] = []
     try:
@@ -192,27 +223,30 @@ def stage_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelCon
             if cmd == CMD_ALLOC:
                 runner.allocate_kv_cache(*payload.tolist())
             elif cmd == CMD_TIMES:
-                dist.send(torch.tensor([len(times)]), 0, tag=TAG_TIMES)
-                if times:
-                    dist.send(torch.tensor(times, dtype=torch.float64), 0, tag=TAG_TIMES)
+                if reports:
+                    dist.send(torch.tensor([len(times)]), 0, tag=TAG_TIMES)
+                    if times:
+                        dist.send(torch.tensor(times, dtype=torch.float64), 0, tag=TAG_TIMES)
             else:
                 step = StepInputs.unpack(payload)
                 shape = (len(step.token_ids), cfg.hidden_size)
-                hidden, residual = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-                busy = torch.zeros(world, dtype=torch.float64)
-                for t in (hidden, residual, busy):
-                    dist.recv(t, rank - 1, tag=TAG_DATA)
+                hidden = residual = None
+                busy = torch.zeros(grid.pp, dtype=torch.float64)
+                if prev is not None:
+                    hidden, residual = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+                    for t in (hidden, residual, busy):
+                        dist.recv(t, prev, tag=TAG_DATA)
                 start = time.time()
                 out = runner.run(step, hidden, residual)
                 times.append((start, time.time()))
-                busy[rank] = sum(b - a for a, b in times)
-                if stage.last:
+                busy[stage_index] = sum(b - a for a, b in times)
+                if nxt is not None:
+                    for t in (out[0].contiguous(), out[1].contiguous(), busy):
+                        dist.send(t, nxt, tag=TAG_DATA)
+                elif reports:
                     if out is not None:
                         dist.send(out.contiguous(), 0, tag=TAG_DATA)
                     dist.send(busy, 0, tag=TAG_DATA)
-                else:
-                    for t in (out[0].contiguous(), out[1].contiguous(), busy):
-                        dist.send(t, rank + 1, tag=TAG_DATA)
     finally:
         dist.destroy_process_group()
 
