@@ -84,8 +84,44 @@ def _threads_per_rank(world: int) -> int:
     return max(1, cores // world)
 
 
-class TensorParallelExecutor:
+class SpawnedRanks:
+    """Lifecycle shared by executors whose other ranks are child processes: health and shutdown."""
+
+    kind = "worker"
+    procs: list[mp.Process]
+    _alive: bool
+
+    def _stop_message(self) -> None:
+        raise NotImplementedError
+
+    def check_health(self) -> None:
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead or not self._alive:
+            self._alive = False
+            names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in dead) or "a peer"
+            raise WorkerDiedError(f"{self.kind} died: {names}; restart the engine")
+
+    def shutdown(self) -> None:
+        if not dist.is_initialized():
+            return
+        if self._alive and all(p.is_alive() for p in self.procs):
+            try:
+                self._stop_message()
+            except (WorkerDiedError, RuntimeError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._alive = False
+        dist.destroy_process_group()
+        set_tp_group(TPGroup())
+
+
+class TensorParallelExecutor(SpawnedRanks):
     """Rank 0 of a tensor-parallel group."""
+
+    kind = "tensor-parallel worker"
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
         world = args.tensor_parallel_size
@@ -150,29 +186,8 @@ class TensorParallelExecutor:
     def collect(self, flight: torch.Tensor | None) -> torch.Tensor | None:
         return flight
 
-    def check_health(self) -> None:
-        dead = [p for p in self.procs if not p.is_alive()]
-        if dead or not self._alive:
-            self._alive = False
-            names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in dead) or "a peer"
-            raise WorkerDiedError(f"tensor-parallel worker died: {names}; restart the engine")
-
-    def shutdown(self) -> None:
-        if not dist.is_initialized():
-            return
-        if self._alive and all(p.is_alive() for p in self.procs):
-            try:
-                self._send(CMD_STOP, torch.zeros(0, dtype=torch.long))
-            except WorkerDiedError:
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        self._alive = False
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        set_tp_group(TPGroup())
+    def _stop_message(self) -> None:
+        self._send(CMD_STOP, torch.zeros(0, dtype=torch.long))
 
 
 def worker_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,

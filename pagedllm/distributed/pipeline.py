@@ -20,7 +20,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pagedllm.config import EngineArgs, ModelConfig
-from pagedllm.distributed.executor import COLLECTIVE_TIMEOUT, WorkerDiedError, _backend, _free_port, _threads_per_rank
+from pagedllm.distributed.executor import (
+    COLLECTIVE_TIMEOUT,
+    SpawnedRanks,
+    WorkerDiedError,
+    _backend,
+    _free_port,
+    _threads_per_rank,
+)
 from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
 from pagedllm.memory.weights import partition_layers
 from pagedllm.model_executor.input_builder import StepInputs
@@ -66,7 +73,9 @@ class InFlight:
     tensors: list = field(default_factory=list)
 
 
-class PipelineExecutor:
+class PipelineExecutor(SpawnedRanks):
+    kind = "pipeline stage"
+
     def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
         if device.type != "cpu":
             raise ValueError("pipeline parallelism runs on the CPU (gloo) for now")
@@ -166,31 +175,10 @@ class PipelineExecutor:
             w.wait()
         return out
 
-    # ---- lifecycle ----------------------------------------------------------------------------
-    def check_health(self) -> None:
-        dead = [p for p in self.procs if not p.is_alive()]
-        if dead or not self._alive:
-            self._alive = False
-            names = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in dead) or "a peer"
-            raise WorkerDiedError(f"pipeline stage died: {names}; restart the engine")
-
-    def shutdown(self) -> None:
-        if not dist.is_initialized():
-            return
-        if self._alive and all(p.is_alive() for p in self.procs):
-            try:
-                _, works = self._send_all(CMD_STOP, torch.zeros(0, dtype=torch.long))
-                for w in works:
-                    w.wait()
-            except (WorkerDiedError, RuntimeError):
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-        self._alive = False
-        dist.destroy_process_group()
-        set_tp_group(TPGroup())
+    def _stop_message(self) -> None:
+        _, works = self._send_all(CMD_STOP, torch.zeros(0, dtype=torch.long))
+        for w in works:
+            w.wait()
 
 
 def stage_main(rank: int, grid: Grid, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
