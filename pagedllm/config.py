@@ -104,9 +104,7 @@ class EngineArgs:
 
     model: str | None = None
     tokenizer: str | None = None
-    served_model_name: str | None = None
     dtype: str = "auto"
-    kv_cache_dtype: str = "auto"
     seed: int = 0
     device: str = "auto"
     max_model_len: int | None = None
@@ -123,7 +121,6 @@ class EngineArgs:
     data_parallel_size: int = 1
     data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
     quantization: str | None = None
-    disable_log_stats: bool = True
 
     def validate(self) -> None:
         positive = {
