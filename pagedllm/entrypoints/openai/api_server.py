@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import secrets
+import signal
 import time
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -142,13 +145,26 @@ def add_serve_parser(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(ns: argparse.Namespace) -> None:
-    import uvicorn
+class GracefulServer(uvicorn.Server):
+    """Stops gracefully on SIGINT / SIGTERM, then exits normally (plain uvicorn re-raises the signal
+    afterwards, which ends in a KeyboardInterrupt traceback)."""
 
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise ValueError("give the model once: either MODEL or --model")
     ns.model = ns.model_tag or ns.model
     engine = create_engine(engine_args_from(ns))
     app = build_app(engine, ns.served_model_name, ns.api_key)
     logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.model_config.name, ns.host, ns.port)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
+    GracefulServer(config).run()
