@@ -118,6 +118,7 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes; the CPU's way to size the pool
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_partition: list[int] | None = None  # layers per stage; default: an even split
     data_parallel_size: int = 1
     data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
     quantization: str | None = None

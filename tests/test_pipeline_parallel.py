@@ -72,6 +72,21 @@ def test_two_batches_in_flight_overlap_across_stages(tiny_models):
         llm.engine.shutdown()
 
 
+def test_custom_partition(tiny_models):
+    hf = HFReference(tiny_models["llama"])
+    refs = [hf.greedy(p, MAX_TOKENS) for p in PROMPTS[:3]]
+    with pytest.raises(ValueError, match="partition"):
+        LLM(tiny_models["llama"], dtype="float32", max_model_len=128, pipeline_parallel_size=2, pipeline_partition=[2, 1])
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=128, pipeline_parallel_size=2,
+              pipeline_partition=[1, 1])
+    try:
+        assert llm.engine.runner.model.stage.end == 1
+        for out, (ref, scores) in zip(_greedy(llm, PROMPTS[:3]), refs):
+            assert_greedy_match(out, ref, scores)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_killed_stage_gives_a_clear_error_quickly(tiny_models):
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=256, pipeline_parallel_size=2)
     engine = llm.engine
@@ -88,15 +103,16 @@ def test_killed_stage_gives_a_clear_error_quickly(tiny_models):
     assert not any(p.is_alive() for p in engine.executor.procs)
 
 
-def test_tp2_x_pp2_grid_matches_hf(tiny_models):
+def test_tp2_x_pp2_grid_matches_hf_under_preemption(tiny_models):
     hf = HFReference(tiny_models["qwen3"])
     prompts = PROMPTS[:6]
     refs = [hf.greedy(p, MAX_TOKENS) for p in prompts]
-    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=128, pipeline_parallel_size=2,
-              tensor_parallel_size=2, max_num_seqs=4)
+    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=80, pipeline_parallel_size=2,
+              tensor_parallel_size=2, num_gpu_blocks_override=12, block_size=8)
     try:
         for out, (ref, scores) in zip(_greedy(llm, prompts), refs):
             assert_greedy_match(out, ref, scores)
+        assert llm.engine.scheduler.num_preemptions > 0
         assert_pool_empty(llm)
         assert len(llm.engine.executor.procs) == 3
     finally:

@@ -5,7 +5,8 @@ step's compact tensors to every stage (point-to-point, without waiting), runs it
 sends (hidden, residual) on; each later stage receives them, runs its layers and passes them on;
 the last stage sends the sampled rows' logits back to rank 0. Sends never wait, so while a later
 stage works on batch k, stage 0 already runs batch k + 1 — the assembly line of the brief. Every
-stage records when it was busy, so the pipeline's bubbles can be measured.
+stage records when it was busy, so the pipeline's bubbles can be measured. gloo on CPU, NCCL on
+CUDA (which ignores tags; busy-time reports are only asked for with nothing in flight).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pagedllm.distributed.executor import (
     WorkerDiedError,
     _backend,
     _free_port,
+    _rank_device,
     _threads_per_rank,
 )
 from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
@@ -44,6 +46,7 @@ class Grid:
 
     tp: int
     pp: int
+    partition: tuple[int, ...] | None = None  # layers per stage; None: an even split
 
     @property
     def world(self) -> int:
@@ -60,7 +63,7 @@ class Grid:
         set_tp_group(TPGroup(tp_rank, self.tp, groups[stage]))
 
     def stage(self, cfg: ModelConfig, stage: int) -> Stage:
-        start, end = partition_layers(cfg.num_layers, self.pp)[stage]
+        start, end = partition_layers(cfg.num_layers, self.pp, list(self.partition) if self.partition else None)[stage]
         return Stage(start, end, first=stage == 0, last=stage == self.pp - 1)
 
 
@@ -77,22 +80,23 @@ class PipelineExecutor(SpawnedRanks):
     kind = "pipeline stage"
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
-        if device.type != "cpu":
-            raise ValueError("pipeline parallelism runs on the CPU (gloo) for now")
-        self.grid = grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size)
+        partition = tuple(args.pipeline_partition) if args.pipeline_partition else None
+        self.grid = grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size, partition)
         self.world, self.stages = grid.world, grid.pp
         self.cfg, self.dtype = cfg, dtype
         init = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         self.procs = []
         for rank in range(1, grid.world):
-            p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype),
+            p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype, device),
                             name=f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}", daemon=True)
             p.start()
             self.procs.append(p)
-        torch.set_num_threads(_threads_per_rank(grid.world))
+        if device.type == "cpu":
+            torch.set_num_threads(_threads_per_rank(grid.world))
         grid.join(0, init, _backend(device))
-        self.runner = ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization, grid.stage(cfg, 0))
+        self.device = _rank_device(device, 0)  # NCCL sends device tensors; gloo, CPU ones
+        self.runner = ModelRunner(cfg, folder, dtype, self.device, args.seed, args.quantization, grid.stage(cfg, 0))
         self.times: list[tuple[float, float]] = []  # stage 0's busy intervals
         self.busy = [0.0] * grid.pp  # every stage's busy seconds so far, as the last finished batch reported them
         self.started: float | None = None
@@ -102,7 +106,8 @@ class PipelineExecutor(SpawnedRanks):
     # ---- transport ----------------------------------------------------------------------------
     def _send_all(self, cmd: int, payload: torch.Tensor) -> list:
         self.check_health()
-        header = torch.tensor([cmd, payload.numel()])
+        header = torch.tensor([cmd, payload.numel()], device=self.device)
+        payload = payload.to(self.device)
         works = []
         try:
             for rank in range(1, self.world):
@@ -121,7 +126,7 @@ class PipelineExecutor(SpawnedRanks):
         hidden, residual = self.runner.run(step)
         self.times.append((start, time.time()))
         # every stage adds its busy seconds to this vector on the way; the last stage returns it with the logits
-        busy = torch.zeros(self.stages, dtype=torch.float64)
+        busy = torch.zeros(self.stages, dtype=torch.float64, device=self.device)
         busy[0] = sum(b - a for a, b in self.times)
         hidden, residual = hidden.contiguous(), residual.contiguous()
         nxt = self.grid.rank(1, 0)
@@ -133,9 +138,9 @@ class PipelineExecutor(SpawnedRanks):
             logits = None
             last = self.grid.rank(self.stages - 1, 0)
             if flight.num_rows:
-                logits = torch.empty(flight.num_rows, self.cfg.vocab_size, dtype=self.dtype)
+                logits = torch.empty(flight.num_rows, self.cfg.vocab_size, dtype=self.dtype, device=self.device)
                 dist.recv(logits, last, tag=TAG_DATA)
-            busy = torch.zeros(self.stages, dtype=torch.float64)
+            busy = torch.zeros(self.stages, dtype=torch.float64, device=self.device)
             dist.recv(busy, last, tag=TAG_DATA)
             self.busy = busy.tolist()
             for w in flight.sends:
@@ -165,9 +170,9 @@ class PipelineExecutor(SpawnedRanks):
         _, works = self._send_all(CMD_TIMES, torch.zeros(0, dtype=torch.long))
         out = [list(self.times)]
         for rank in (self.grid.rank(stage, 0) for stage in range(1, self.stages)):
-            n = torch.zeros(1, dtype=torch.long)
+            n = torch.zeros(1, dtype=torch.long, device=self.device)
             dist.recv(n, rank, tag=TAG_TIMES)
-            t = torch.zeros(int(n), 2, dtype=torch.float64)
+            t = torch.zeros(int(n), 2, dtype=torch.float64, device=self.device)
             if int(n):
                 dist.recv(t, rank, tag=TAG_TIMES)
             out.append([tuple(x) for x in t.tolist()])
@@ -182,46 +187,49 @@ class PipelineExecutor(SpawnedRanks):
 
 
 def stage_main(rank: int, grid: Grid, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
-               dtype: torch.dtype) -> None:
+               dtype: torch.dtype, device: torch.device) -> None:
     """Any rank but 0: receive a step (and, after the first stage, its input activations from the same
     tensor-parallel rank of the previous stage), run this stage's layers, pass the result on."""
     from pagedllm.platform import tune_cpu
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops us
-    tune_cpu()
-    torch.set_num_threads(_threads_per_rank(grid.world))
-    grid.join(rank, init, "gloo")
+    if device.type == "cpu":
+        tune_cpu()
+        torch.set_num_threads(_threads_per_rank(grid.world))
+    grid.join(rank, init, _backend(device))
+    dev = _rank_device(device, rank)
     stage_index, tp_rank = divmod(rank, grid.tp)
     stage = grid.stage(cfg, stage_index)
     prev = grid.rank(stage_index - 1, tp_rank) if not stage.first else None
     nxt = grid.rank(stage_index + 1, tp_rank) if not stage.last else None
     reports = tp_rank == 0  # one rank per stage reports busy times and returns the logits
-    runner = ModelRunner(cfg, folder, dtype, torch.device("cpu"), args.seed, args.quantization, stage)
+    runner = ModelRunner(cfg, folder, dtype, dev, args.seed, args.quantization, stage)
     times: list[tuple[float, float]] = []
     try:
         while True:
-            header = torch.zeros(2, dtype=torch.long)
+            header = torch.zeros(2, dtype=torch.long, device=dev)
             dist.recv(header, 0, tag=TAG_DATA)
             cmd, n = header.tolist()
-            payload = torch.zeros(n, dtype=torch.long)
+            payload = torch.zeros(n, dtype=torch.long, device=dev)
             if n:
                 dist.recv(payload, 0, tag=TAG_DATA)
+            payload = payload.cpu()
             if cmd == CMD_STOP:
                 break
             if cmd == CMD_ALLOC:
                 runner.allocate_kv_cache(*payload.tolist())
             elif cmd == CMD_TIMES:
                 if reports:
-                    dist.send(torch.tensor([len(times)]), 0, tag=TAG_TIMES)
+                    dist.send(torch.tensor([len(times)], device=dev), 0, tag=TAG_TIMES)
                     if times:
-                        dist.send(torch.tensor(times, dtype=torch.float64), 0, tag=TAG_TIMES)
+                        dist.send(torch.tensor(times, dtype=torch.float64, device=dev), 0, tag=TAG_TIMES)
             else:
                 step = StepInputs.unpack(payload)
                 shape = (len(step.token_ids), cfg.hidden_size)
                 hidden = residual = None
-                busy = torch.zeros(grid.pp, dtype=torch.float64)
+                busy = torch.zeros(grid.pp, dtype=torch.float64, device=dev)
                 if prev is not None:
-                    hidden, residual = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+                    hidden, residual = torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev)
                     for t in (hidden, residual, busy):
                         dist.recv(t, prev, tag=TAG_DATA)
                 start = time.time()

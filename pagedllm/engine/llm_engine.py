@@ -36,7 +36,7 @@ def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch
     folder = resolve_model(args.model)
     cfg = ModelConfig.from_folder(folder)
     check_tensor_parallel(cfg, args.tensor_parallel_size)
-    partition_layers(cfg.num_layers, args.pipeline_parallel_size)  # raises if there are too few layers
+    partition_layers(cfg.num_layers, args.pipeline_parallel_size, args.pipeline_partition)  # raises if it cannot split
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_cpu()
@@ -107,9 +107,9 @@ class LLMEngine:
         """Size the pool: an explicit block count; on CUDA what is left of device memory · utilisation
         after the loaded weights and the peak activations of a profiled forward pass; on the CPU
         --kv-cache-memory or the documented default."""
-        stage_layers = partition_layers(self.model_config.num_layers, args.pipeline_parallel_size)[0]  # the largest
+        stages = partition_layers(self.model_config.num_layers, args.pipeline_parallel_size, args.pipeline_partition)
         per_token = kv_bytes_per_token(self.model_config, self.dtype.itemsize, args.tensor_parallel_size,
-                                       stage_layers[1] - stage_layers[0])
+                                       max(end - start for start, end in stages))  # every stage holds as many blocks
         per_block = per_token * args.block_size
         weights = self.runner.weight_bytes
         if args.num_gpu_blocks_override is not None:

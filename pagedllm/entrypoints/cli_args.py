@@ -16,6 +16,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _layer_counts(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts such as 16,14, got {text!r}") from None
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     g = p.add_argument_group("engine")
     if model_flag:
@@ -38,6 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
                    help="shard every layer over this many processes (gloo on CPU, NCCL on CUDA)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers into this many stages in their own processes, micro-batches in flight")
+    g.add_argument("--pipeline-partition", type=_layer_counts, default=None,
+                   help="layers per pipeline stage, e.g. 16,14 (default: an even split)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="full model replicas in their own processes, requests spread over them")
     g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
@@ -54,7 +63,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
         quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
         data_parallel_size=ns.data_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
-        data_parallel_routing=ns.data_parallel_routing,
+        data_parallel_routing=ns.data_parallel_routing, pipeline_partition=ns.pipeline_partition,
     )
 
 
