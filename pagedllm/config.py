@@ -46,7 +46,6 @@ class ModelConfig:
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3 style)
     dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
     name: str = ""
 
     @classmethod
@@ -81,7 +80,6 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             dtype=parse_dtype(dtype_name),
             eos_token_ids=eos_ids,
-            bos_token_id=cfg.get("bos_token_id"),
             name=name,
         )
 

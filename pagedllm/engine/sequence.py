@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -11,8 +10,6 @@ import torch
 
 from pagedllm.outputs import Logprob, RequestMetrics
 from pagedllm.sampling_params import SamplingParams
-
-_seq_ids = itertools.count()
 
 
 class SequenceStatus(Enum):
@@ -36,7 +33,6 @@ class Sequence:
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     in_flight: bool = False  # in a pipeline micro-batch not yet finished: not schedulable again until it is

@@ -52,10 +52,6 @@ class LinearBase(nn.Module):
         return quant.linear(x, self, self.bias)
 
 
-class ReplicatedLinear(LinearBase):
-    tp_dim = None
-
-
 class ColumnParallelLinear(LinearBase):
     tp_dim = 0
 
