@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,15 @@ import openai
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from tests.helpers import random_prompts
+from tests.helpers import free_port, random_prompts
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", tiny_models["qwen3"], "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY,
            "--served-model-name", "tiny", "--log-level", "warning"]

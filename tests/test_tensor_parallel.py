@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.memory import PlanSettings, make_plan
 from pagedllm.model_loader.resolve import model_config_for
-from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, random_prompts
+from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, free_port, random_prompts
 
 PROMPTS = random_prompts(8, 3, 60, seed=70)
 MAX_TOKENS = 16
@@ -69,12 +68,6 @@ def test_tp_that_does_not_divide_heads_fails_clearly(tiny_models):
         LLM(tiny_models["qwen3"], dtype="float32", tensor_parallel_size=3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children() -> set[int]:
     out = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
@@ -100,7 +93,7 @@ def test_killed_worker_gives_a_clear_error_quickly(tiny_models):
 
 
 def test_server_with_tp2_answers_and_shuts_down(tiny_models):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", tiny_models["qwen3"], "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--tensor-parallel-size", "2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
