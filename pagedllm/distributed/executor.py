@@ -235,7 +235,14 @@ def run_torchrun_worker(args: EngineArgs) -> None:
 
     cfg, folder, dtype, device = engine_setup(args)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    worker_main(rank, world, "env://", args, cfg, folder, dtype, device)
+    if args.pipeline_parallel_size > 1:
+        from pagedllm.distributed.pipeline import Grid, stage_main
+
+        partition = tuple(args.pipeline_partition) if args.pipeline_partition else None
+        grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size, partition)
+        stage_main(rank, grid, "env://", args, cfg, folder, dtype, device)
+    else:
+        worker_main(rank, world, "env://", args, cfg, folder, dtype, device)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:

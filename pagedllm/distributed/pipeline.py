@@ -12,6 +12,7 @@ CUDA (which ignores tags; busy-time reports are only asked for with nothing in f
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pagedllm.distributed.executor import (
     _free_port,
     _rank_device,
     _threads_per_rank,
+    launched_by_torchrun,
 )
 from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
 from pagedllm.memory.weights import partition_layers
@@ -84,14 +86,20 @@ class PipelineExecutor(SpawnedRanks):
         self.grid = grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size, partition)
         self.world, self.stages = grid.world, grid.pp
         self.cfg, self.dtype = cfg, dtype
-        init = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = mp.get_context("spawn")
         self.procs = []
-        for rank in range(1, grid.world):
-            p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype, device),
-                            name=f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}", daemon=True)
-            p.start()
-            self.procs.append(p)
+        if launched_by_torchrun():  # the other ranks were started by torchrun, on this or other machines
+            if int(os.environ["WORLD_SIZE"]) != grid.world:
+                raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but tensor x pipeline "
+                                 f"parallel size is {grid.world}")
+            init = "env://"
+        else:
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            ctx = mp.get_context("spawn")
+            for rank in range(1, grid.world):
+                p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype, device),
+                                name=f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}", daemon=True)
+                p.start()
+                self.procs.append(p)
         if device.type == "cpu":
             torch.set_num_threads(_threads_per_rank(grid.world))
         grid.join(0, init, _backend(device))
