@@ -123,3 +123,13 @@ def test_int8_planner_matches_engine_and_generates(tiny_models, arch):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_custom_pipeline_partition_in_the_plan():
+    plan = _plan_json("qwen3-1.7b", "--pipeline-parallel-size", "2", "--pipeline-partition", "16,12")
+    first, last = plan["devices"]
+    assert first["layers"] == [0, 16] and last["layers"] == [16, 28]
+    assert first["kv_bytes_per_token"] == 2 * 16 * 8 * 128 * 2
+    r = subprocess.run(CLI + ["plan", "qwen3-1.7b", "--pipeline-parallel-size", "2", "--pipeline-partition", "16,16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "partition" in r.stderr

@@ -16,7 +16,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _layer_counts(text: str) -> list[int]:
+def layer_counts(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
@@ -45,7 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
                    help="shard every layer over this many processes (gloo on CPU, NCCL on CUDA)")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="split the layers into this many stages in their own processes, micro-batches in flight")
-    g.add_argument("--pipeline-partition", type=_layer_counts, default=None,
+    g.add_argument("--pipeline-partition", type=layer_counts, default=None,
                    help="layers per pipeline stage, e.g. 16,14 (default: an even split)")
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="full model replicas in their own processes, requests spread over them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pagedllm.entrypoints.cli_args import layer_counts
 from pagedllm.memory.planner import PlanSettings, make_plan
 from pagedllm.memory.units import format_bytes, parse_bytes
 from pagedllm.model_loader.resolve import model_config_for
@@ -22,6 +23,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-partition", type=layer_counts, default=None, help="layers per stage, e.g. 16,12")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--json", action="store_true", help="every figure in bytes or counts")
@@ -39,7 +41,8 @@ def _settings(ns: argparse.Namespace) -> PlanSettings:
         weight_dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype, max_model_len=ns.max_model_len,
         concurrency=ns.concurrency, device_memory=parse_bytes(ns.device_memory) if ns.device_memory else None,
         gpu_memory_utilization=ns.gpu_memory_utilization, tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size, block_size=ns.block_size,
+        pipeline_parallel_size=ns.pipeline_parallel_size, pipeline_partition=ns.pipeline_partition,
+        block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens,
     )
 

@@ -36,6 +36,7 @@ class PlanSettings:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_partition: list[int] | None = None  # layers per stage; default: an even split
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
@@ -86,7 +87,7 @@ def make_plan(cfg: ModelConfig, s: PlanSettings) -> dict:
     exact = kv_bytes_per_token(cfg, kv_b)
     brief = brief_kv_bytes_per_token(cfg, kv_b)
     ctx_conc = s.max_model_len * s.concurrency
-    stages = weights_per_stage(cfg, wdtype, tp, pp)
+    stages = weights_per_stage(cfg, wdtype, tp, pp, s.pipeline_partition)
     devices = []
     for st in stages:
         per_token = kv_bytes_per_token(cfg, kv_b, tp, st.layers[1] - st.layers[0])
@@ -111,7 +112,7 @@ def make_plan(cfg: ModelConfig, s: PlanSettings) -> dict:
         "settings": {"weight_dtype": wdtype, "kv_cache_dtype": kvdtype, "max_model_len": s.max_model_len,
                      "concurrency": s.concurrency, "device_memory": s.device_memory,
                      "gpu_memory_utilization": s.gpu_memory_utilization, "tensor_parallel_size": tp,
-                     "pipeline_parallel_size": pp, "block_size": s.block_size,
+                     "pipeline_parallel_size": pp, "pipeline_partition": s.pipeline_partition, "block_size": s.block_size,
                      "max_num_batched_tokens": s.max_num_batched_tokens},
         "parameters": count_parameters(cfg),
         "weight_bytes": {name: weights_per_stage(cfg, name)[0].bytes for name in WEIGHT_DTYPES},
