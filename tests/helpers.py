@@ -50,3 +50,26 @@ def assert_pool_empty(llm) -> None:
     assert all(b.ref_count == 0 for b in bm.blocks), "blocks still referenced"
     assert bm.num_free_blocks == bm.num_blocks
     assert not llm.engine.requests and not llm.engine.scheduler.has_unfinished()
+
+
+def check_greedy_against_hf(model: str, prompts: list[list[int]], max_tokens: int, expect_preemption: bool = False,
+                            also=None, **engine_args) -> None:
+    """An engine built with `engine_args` (fp32) gives HF's greedy tokens, preempts if asked to, empties its pool,
+    passes `also(llm)` if given, and shuts down (with its worker processes)."""
+    from pagedllm import LLM, SamplingParams
+
+    hf = HFReference(model)
+    refs = [hf.greedy(p, max_tokens) for p in prompts]
+    llm = LLM(model, dtype="float32", **engine_args)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for out, (ref, scores) in zip(outs, refs):
+            assert_greedy_match(out.outputs[0].token_ids, ref, scores)
+        if expect_preemption:
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert_pool_empty(llm)
+        if also is not None:
+            also(llm)
+    finally:
+        llm.engine.shutdown()

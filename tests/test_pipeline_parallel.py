@@ -10,7 +10,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.distributed.pipeline import bubble_report
-from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, random_prompts
+from tests.helpers import HFReference, assert_greedy_match, check_greedy_against_hf, random_prompts
 
 PROMPTS = random_prompts(10, 3, 60, seed=90)
 MAX_TOKENS = 16
@@ -24,29 +24,13 @@ def _greedy(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_pp2_matches_hf(tiny_models, arch):
-    hf = HFReference(tiny_models[arch])
-    refs = [hf.greedy(p, MAX_TOKENS) for p in PROMPTS]
-    llm = LLM(tiny_models[arch], dtype="float32", max_model_len=128, pipeline_parallel_size=2, max_num_seqs=4)
-    try:
-        for out, (ref, scores) in zip(_greedy(llm), refs):
-            assert_greedy_match(out, ref, scores)
-        assert_pool_empty(llm)
-    finally:
-        llm.engine.shutdown()
+    check_greedy_against_hf(tiny_models[arch], PROMPTS, MAX_TOKENS, max_model_len=128, pipeline_parallel_size=2,
+                            max_num_seqs=4)
 
 
 def test_pp2_under_preemption(tiny_models):
-    hf = HFReference(tiny_models["qwen3"])
-    refs = [hf.greedy(p, MAX_TOKENS) for p in PROMPTS]
-    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=80, pipeline_parallel_size=2,
-              num_gpu_blocks_override=12, block_size=8)
-    try:
-        for out, (ref, scores) in zip(_greedy(llm), refs):
-            assert_greedy_match(out, ref, scores)
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert_pool_empty(llm)
-    finally:
-        llm.engine.shutdown()
+    check_greedy_against_hf(tiny_models["qwen3"], PROMPTS, MAX_TOKENS, expect_preemption=True, max_model_len=80,
+                            pipeline_parallel_size=2, num_gpu_blocks_override=12, block_size=8)
 
 
 def test_two_batches_in_flight_overlap_across_stages(tiny_models):
@@ -104,16 +88,9 @@ def test_killed_stage_gives_a_clear_error_quickly(tiny_models):
 
 
 def test_tp2_x_pp2_grid_matches_hf_under_preemption(tiny_models):
-    hf = HFReference(tiny_models["qwen3"])
-    prompts = PROMPTS[:6]
-    refs = [hf.greedy(p, MAX_TOKENS) for p in prompts]
-    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=80, pipeline_parallel_size=2,
-              tensor_parallel_size=2, num_gpu_blocks_override=12, block_size=8)
-    try:
-        for out, (ref, scores) in zip(_greedy(llm, prompts), refs):
-            assert_greedy_match(out, ref, scores)
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert_pool_empty(llm)
+    def four_ranks(llm: LLM) -> None:
         assert len(llm.engine.executor.procs) == 3
-    finally:
-        llm.engine.shutdown()
+
+    check_greedy_against_hf(tiny_models["qwen3"], PROMPTS[:6], MAX_TOKENS, expect_preemption=True, also=four_ranks,
+                            max_model_len=80, pipeline_parallel_size=2, tensor_parallel_size=2,
+                            num_gpu_blocks_override=12, block_size=8)

@@ -15,7 +15,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.memory import PlanSettings, make_plan
 from pagedllm.model_loader.resolve import model_config_for
-from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, free_port, random_prompts
+from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, check_greedy_against_hf, free_port, random_prompts
 
 PROMPTS = random_prompts(8, 3, 60, seed=70)
 MAX_TOKENS = 16
@@ -50,17 +50,8 @@ def test_tp2_matches_tp1_and_hf(tiny_models, arch):
 
 
 def test_tp2_under_preemption(tiny_models):
-    hf = HFReference(tiny_models["qwen3"])
-    refs = [hf.greedy(p, MAX_TOKENS) for p in PROMPTS]
-    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=80, tensor_parallel_size=2,
-              num_gpu_blocks_override=10, block_size=8)
-    try:
-        for out, (ref, scores) in zip(_greedy(llm), refs):
-            assert_greedy_match(out, ref, scores)
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert_pool_empty(llm)
-    finally:
-        llm.engine.shutdown()
+    check_greedy_against_hf(tiny_models["qwen3"], PROMPTS, MAX_TOKENS, expect_preemption=True, max_model_len=80,
+                            tensor_parallel_size=2, num_gpu_blocks_override=10, block_size=8)
 
 
 def test_tp_that_does_not_divide_heads_fails_clearly(tiny_models):
