@@ -26,6 +26,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def tune_cpu() -> None:
     """Keep freed memory in the process instead of returning it to the kernel.
 
@@ -46,6 +53,6 @@ def tune_cpu() -> None:
         ok = False
     if not ok:
         logger.debug("mallopt unavailable (not glibc?): CPU allocator left as it is")
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = len(available_cores())
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ replica that dies fails only its in-flight requests; the others keep serving.
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -23,6 +22,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
 from pagedllm.engine.llm_engine import EngineStats, engine_setup
 from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.platform import available_cores
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -31,7 +31,7 @@ AFFINITY_SLACK_TOKENS = 8192  # prefix affinity yields to least-loaded beyond 2x
 
 
 def _cores_for(index: int, replicas: int) -> set[int]:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = available_cores()
     share = max(1, len(cores) // replicas)
     mine = cores[index * share:(index + 1) * share]
     return set(mine or cores[-share:])  # more replicas than cores: they share the last ones
@@ -110,7 +110,6 @@ class DataParallelEngine:
         self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
         self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len)
         self.requests: dict[str, _Pending] = {}
-        self._ids = itertools.count()
         self.num_prompt_tokens = 0
         replica_args = EngineArgs(**{**vars(args), "model": self.model_path, "data_parallel_size": 1})
         ctx = mp.get_context("spawn")
@@ -142,9 +141,7 @@ class DataParallelEngine:
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         text, ids, params = self.processor.process(prompt, params)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = self.processor.claim_request_id(request_id, self.requests)
         target = self._route(ids)
         max_new = params.max_tokens or self.max_model_len - len(ids)
         self.requests[request_id] = _Pending(target.index, text, ids, params, max_new * params.n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from pagedllm.config import EngineArgs, ModelConfig
 from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
 from pagedllm.model_executor.input_builder import StepInputs
 from pagedllm.model_executor.model_runner import ModelRunner
+from pagedllm.platform import available_cores, tune_cpu
 
 logger = logging.getLogger("pagedllm")
 
@@ -80,16 +82,43 @@ def _free_port() -> int:
 
 
 def _threads_per_rank(world: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // world)
+    return max(1, len(available_cores()) // world)
+
+
+def prepare_worker(world: int, device: torch.device) -> None:
+    """What every rank > 0 does first: leave Ctrl-C to rank 0 (which stops it) and take its share of the cores."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if device.type == "cpu":
+        tune_cpu()
+        torch.set_num_threads(_threads_per_rank(world))
 
 
 class SpawnedRanks:
-    """Lifecycle shared by executors whose other ranks are child processes: health and shutdown."""
+    """Lifecycle shared by executors whose other ranks are child processes: start-up, health and shutdown."""
 
     kind = "worker"
     procs: list[mp.Process]
     _alive: bool
+
+    def _start_ranks(self, world: int, device: torch.device, target, rank_args, name) -> str:
+        """Spawn ranks 1 .. world - 1 running `target(*rank_args(rank, init))`, or find them launched by
+        torchrun; give rank 0 its share of the cores; return the process group's init method."""
+        self.procs = []
+        if launched_by_torchrun():
+            if int(os.environ["WORLD_SIZE"]) != world:
+                raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but this engine needs "
+                                 f"{world} (tensor x pipeline parallel size)")
+            init = "env://"
+        else:
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            ctx = mp.get_context("spawn")
+            for rank in range(1, world):
+                p = ctx.Process(target=target, args=rank_args(rank, init), name=name(rank), daemon=True)
+                p.start()
+                self.procs.append(p)
+        if device.type == "cpu":
+            torch.set_num_threads(_threads_per_rank(world))
+        return init
 
     def _stop_message(self) -> None:
         raise NotImplementedError
@@ -125,22 +154,10 @@ class TensorParallelExecutor(SpawnedRanks):
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device):
         world = args.tensor_parallel_size
-        self.procs: list[mp.Process] = []
         self.device = _rank_device(device, 0)
-        if launched_by_torchrun():
-            if int(os.environ["WORLD_SIZE"]) != world:
-                raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but tensor_parallel_size is {world}")
-            init = "env://"
-        else:
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            ctx = mp.get_context("spawn")
-            for rank in range(1, world):
-                p = ctx.Process(target=worker_main, args=(rank, world, init, args, cfg, folder, dtype, device),
-                                name=f"pagedllm-tp{rank}", daemon=True)
-                p.start()
-                self.procs.append(p)
-        if device.type == "cpu":
-            torch.set_num_threads(_threads_per_rank(world))
+        init = self._start_ranks(world, device, worker_main,
+                                 lambda rank, init: (rank, world, init, args, cfg, folder, dtype, device),
+                                 lambda rank: f"pagedllm-tp{rank}")
         dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
         set_tp_group(TPGroup(0, world, dist.group.WORLD))
         self.runner = ModelRunner(cfg, folder, dtype, self.device, args.seed, args.quantization)
@@ -193,14 +210,7 @@ class TensorParallelExecutor(SpawnedRanks):
 def worker_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelConfig, folder: str,
                 dtype: torch.dtype, device: torch.device) -> None:
     """A tensor-parallel worker: build its shard, then run whatever rank 0 broadcasts until told to stop."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
-    if device.type == "cpu":
-        from pagedllm.platform import tune_cpu
-
-        tune_cpu()
-        torch.set_num_threads(_threads_per_rank(world))
+    prepare_worker(world, device)
     dist.init_process_group(_backend(device), init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     set_tp_group(TPGroup(rank, world, dist.group.WORLD))
     local = _rank_device(device, rank)

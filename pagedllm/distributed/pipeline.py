@@ -12,14 +12,11 @@ CUDA (which ignores tags; busy-time reports are only asked for with nothing in f
 from __future__ import annotations
 
 import atexit
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pagedllm.config import EngineArgs, ModelConfig
 from pagedllm.distributed.executor import (
@@ -27,10 +24,8 @@ from pagedllm.distributed.executor import (
     SpawnedRanks,
     WorkerDiedError,
     _backend,
-    _free_port,
     _rank_device,
-    _threads_per_rank,
-    launched_by_torchrun,
+    prepare_worker,
 )
 from pagedllm.distributed.parallel_state import TPGroup, set_tp_group
 from pagedllm.memory.weights import partition_layers
@@ -86,22 +81,9 @@ class PipelineExecutor(SpawnedRanks):
         self.grid = grid = Grid(args.tensor_parallel_size, args.pipeline_parallel_size, partition)
         self.world, self.stages = grid.world, grid.pp
         self.cfg, self.dtype = cfg, dtype
-        self.procs = []
-        if launched_by_torchrun():  # the other ranks were started by torchrun, on this or other machines
-            if int(os.environ["WORLD_SIZE"]) != grid.world:
-                raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but tensor x pipeline "
-                                 f"parallel size is {grid.world}")
-            init = "env://"
-        else:
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            ctx = mp.get_context("spawn")
-            for rank in range(1, grid.world):
-                p = ctx.Process(target=stage_main, args=(rank, grid, init, args, cfg, folder, dtype, device),
-                                name=f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}", daemon=True)
-                p.start()
-                self.procs.append(p)
-        if device.type == "cpu":
-            torch.set_num_threads(_threads_per_rank(grid.world))
+        init = self._start_ranks(grid.world, device, stage_main,
+                                 lambda rank, init: (rank, grid, init, args, cfg, folder, dtype, device),
+                                 lambda rank: f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}")
         grid.join(0, init, _backend(device))
         self.device = _rank_device(device, 0)  # NCCL sends device tensors; gloo, CPU ones
         self.runner = ModelRunner(cfg, folder, dtype, self.device, args.seed, args.quantization, grid.stage(cfg, 0))
@@ -198,12 +180,7 @@ def stage_main(rank: int, grid: Grid, init: str, args: EngineArgs, cfg: ModelCon
                dtype: torch.dtype, device: torch.device) -> None:
     """Any rank but 0: receive a step (and, after the first stage, its input activations from the same
     tensor-parallel rank of the previous stage), run this stage's layers, pass the result on."""
-    from pagedllm.platform import tune_cpu
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops us
-    if device.type == "cpu":
-        tune_cpu()
-        torch.set_num_threads(_threads_per_rank(grid.world))
+    prepare_worker(grid.world, device)
     grid.join(rank, init, _backend(device))
     dev = _rank_device(device, rank)
     stage_index, tp_rank = divmod(rank, grid.tp)

@@ -3,6 +3,7 @@ template and the limits. Shared by the engine and the data-parallel front (which
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from pagedllm.config import EngineArgs, ModelConfig
@@ -39,6 +40,7 @@ def model_limits(args: EngineArgs, cfg: ModelConfig) -> tuple[int, int]:
 class InputProcessor:
     def __init__(self, cfg: ModelConfig, tokenizer, max_model_len: int):
         self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
+        self._ids = itertools.count()
         eos = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -65,6 +67,13 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
         return prompt, self.tokenizer.encode(prompt)
+
+    def claim_request_id(self, request_id: str | None, in_use) -> str:
+        """The caller's id if it is free, or a fresh one."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in in_use:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id
 
     def process(self, prompt: PromptType, params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
         """Tokenize and check one request; ValueError says what is wrong with it."""

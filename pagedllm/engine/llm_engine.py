@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
-from pagedllm.distributed.executor import WorkerDiedError, check_tensor_parallel, make_executor
+from pagedllm.distributed.executor import LocalExecutor, WorkerDiedError, check_tensor_parallel, make_executor
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
@@ -98,7 +97,6 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[_Launched] = deque()
-        self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -155,9 +153,7 @@ class LLMEngine:
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         text, ids, params = self.processor.process(prompt, params)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = self.processor.claim_request_id(request_id, self.requests)
         req = Request(request_id, text, ids, params)
         if arrival_time is not None:
             req.metrics.arrival_time = arrival_time
@@ -178,6 +174,8 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits at every position of one prompt (teacher forcing), e.g. to compare precisions. Runs alone:
         call it between steps, not while requests are in flight."""
+        if not isinstance(self.executor, LocalExecutor):  # the other ranks would wait for a step that never comes
+            raise ValueError("score() needs a single-process engine (no tensor or pipeline parallelism)")
         seq = Request("score", None, list(token_ids), SamplingParams(max_tokens=1)).seqs[0]
         if not self.block_manager.can_allocate(seq, seq.num_tokens):
             raise ValueError("the prompt does not fit in the free KV blocks")
@@ -195,7 +193,7 @@ class LLMEngine:
                                  self.num_prompt_tokens, self.num_generation_tokens, s.prefix_queries, s.prefix_hits))]
 
     def health(self) -> dict:
-        self.executor.check_health()
+        self.check_health()
         return {"status": "ok"}
 
     def check_health(self) -> None:
@@ -224,8 +222,6 @@ class LLMEngine:
             if launched is None:
                 break
             self.in_flight.append(launched)
-            if depth == 1:
-                break
         if not self.in_flight:
             return []
         return self._finish(self.in_flight.popleft())
