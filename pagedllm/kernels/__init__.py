@@ -2,7 +2,7 @@
 under ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
 Everything here has a pure-torch fallback: with no compiler, or PAGEDLLM_ATTENTION_BACKEND=torch,
-the engine computes the same attention with torch ops (slower: it gathers each sequence's history).
+the engine computes the same attention with torch ops (slower: it gathers each sequence's history, pads and masks).
 `python -m pagedllm.kernels` builds them ahead of time (`make setup` does).
 """
 
@@ -18,8 +18,8 @@ import torch
 logger = logging.getLogger("pagedllm")
 
 SOURCES = [Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"]
-DECODE_HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the decode kernel is instantiated for
-DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Build flags for ATen's SIMD types (at::vec), matching the capability torch itself picked on this CPU.
 _ISA_FLAGS = {
@@ -65,17 +65,19 @@ def load_cpu_ops() -> bool:
     return True
 
 
-def native_decode_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether decode attention on this device and shape runs in the native kernel."""
+def native_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attention on this device and shape runs in the native kernel."""
     backend = attention_backend()
-    if backend == "torch" or device.type != "cpu" or dtype not in DECODE_DTYPES or head_dim not in DECODE_HEAD_DIMS:
+    if backend == "torch" or device.type != "cpu" or dtype not in DTYPES or head_dim not in HEAD_DIMS:
         if backend == "native":
-            raise ValueError(f"the native decode kernel does not cover {device.type} / {dtype} / head_dim {head_dim}")
+            raise ValueError(f"the native attention kernel does not cover {device.type} / {dtype} / head_dim {head_dim}")
         return False
     return load_cpu_ops()
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, heads, D] attends over each sequence's context in the pool ([kv_heads, blocks, block_size, D])."""
-    return torch.ops.pagedllm.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a step's query tokens q [T, heads, D] (sequence b's are q[query_start[b]:
+    query_start[b + 1]], the last of its context_lens[b] tokens) over each sequence's keys and values in
+    the pool ([kv_heads, blocks, block_size, D]), found through its block table."""
+    return torch.ops.pagedllm.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)

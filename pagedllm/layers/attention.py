@@ -2,9 +2,12 @@
 
 One layer's pool is [kv_heads, num_blocks, block_size, head_dim]: one index_select of whole
 block rows yields a bucket's K/V as [kv_heads, batch, context, head_dim], which batched matmuls
-use in place. Per bucket of similar-length sequences (see model_executor/context.py):
-- decodes (one query each): on the CPU, the native kernel (pagedllm/kernels) reads each context
-  straight from the pool; elsewhere two batched matmuls and a softmax over the gathered context;
+use in place.
+
+On the CPU the native kernel (pagedllm/kernels) computes the whole step's attention in one call,
+reading each sequence's keys and values through its block table. Elsewhere (or with
+PAGEDLLM_ATTENTION_BACKEND=torch), per bucket of similar-length sequences (see model_executor/context.py):
+- decodes (one query each): two batched matmuls and a softmax over the gathered context;
 - fresh prompt chunks (nothing cached before them): causal SDPA on the chunks' own q/k/v;
 - other prompt chunks (after a cached prefix or an earlier chunk): SDPA over the gathered
   context with a causal mask offset by what was already computed.
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.kernels import paged_decode_attention
+from pagedllm.kernels import paged_attention
 from pagedllm.model_executor.context import DecodeBucket, PrefillBucket, get_attention_metadata
 
 
@@ -35,6 +38,10 @@ class PagedAttention(nn.Module):
         kvh, hd = self.num_kv_heads, self.head_dim
         self.k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        if meta.native is not None:
+            n = meta.native
+            return paged_attention(q, self.k_cache, self.v_cache, n.block_tables, n.query_start, n.context_lens,
+                                   self.scale).view(q.shape[0], -1)
         out = torch.empty_like(q)
         for bucket in meta.decode:
             out[bucket.tokens] = self._decode(q[bucket.tokens], bucket)
@@ -52,8 +59,6 @@ class PagedAttention(nn.Module):
                 self.v_cache.view(-1, row).index_select(0, index).view(shape))
 
     def _decode(self, q: torch.Tensor, bucket: DecodeBucket) -> torch.Tensor:
-        if bucket.gather_index is None:
-            return paged_decode_attention(q, self.k_cache, self.v_cache, bucket.block_tables, bucket.context_lens, self.scale)
         b = q.shape[0]
         keys, values = self._gather(bucket.gather_index, b)
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim).transpose(0, 1)  # [kv_heads, b, group, hd]

@@ -1,9 +1,10 @@
 """Per-step attention metadata, set once by the model runner and read by every attention layer.
 
 A step's tokens are laid out flat: first one token per decoding sequence, then the prompt chunks
-of the prefilling sequences, each contiguous. Sequences of similar length are grouped into
-buckets so that padding to a bucket's longest member wastes little; each bucket is one batched
-attention call.
+of the prefilling sequences, each contiguous. The native CPU kernel takes the whole step in one
+call, reading the pool through the block tables (NativeBatch). The torch path groups sequences of
+similar length into buckets so that padding to a bucket's longest member wastes little; each
+bucket is one batched attention call.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import torch
 @dataclass
 class DecodeBucket:
     tokens: slice  # this bucket's tokens in the step's flat layout (one per sequence)
-    block_tables: torch.Tensor  # [B, W]
-    context_lens: torch.Tensor  # [B]
-    # The torch path's gathered view (the native kernel reads the pool through the block tables instead,
-    # so it takes every decode in one bucket and needs neither):
-    gather_index: torch.Tensor | None = None  # [kv_heads * B * max_blocks] rows of the head-major pool
-    attn_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size]: 0 inside each context, -inf past it
+    gather_index: torch.Tensor  # [kv_heads * B * max_blocks] rows of the head-major pool
+    attn_bias: torch.Tensor  # [1, B, 1, max_blocks * block_size]: 0 inside each context, -inf past it
 
 
 @dataclass
@@ -36,8 +33,16 @@ class PrefillBucket:
 
 
 @dataclass
+class NativeBatch:
+    block_tables: torch.Tensor  # [B, W]
+    query_start: torch.Tensor  # [B + 1] each sequence's first token in the flat layout, then the total
+    context_lens: torch.Tensor  # [B] tokens each sequence has once this step's are written
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the flattened pool
+    native: NativeBatch | None = None  # set for the native kernel; the buckets are for the torch path
     decode: list[DecodeBucket] = field(default_factory=list)
     prefill: list[PrefillBucket] = field(default_factory=list)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.engine.scheduler import ScheduledSeq
-from pagedllm.model_executor.context import AttentionMetadata, DecodeBucket, PrefillBucket
+from pagedllm.model_executor.context import AttentionMetadata, DecodeBucket, NativeBatch, PrefillBucket
 
 MAX_PADDING = 0.25  # a bucket may pad its members by at most this fraction of their real size
 
@@ -69,9 +69,9 @@ class StepInputs:
 
 
 class InputBuilder:
-    def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device, native_decode: bool):
+    def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device, native: bool):
         self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
-        self.native_decode = native_decode  # the native kernel takes all decodes at once, unpadded
+        self.native = native  # the native kernel reads the pool through the block tables: no buckets
 
     def _gather_index(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
@@ -80,23 +80,31 @@ class InputBuilder:
     def build(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev, bs = self.device, self.block_size
         starts, lens, tables = step.starts, step.lens, step.tables
-        ctx = starts + lens
         row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
         first = torch.cumsum(lens, 0) - lens  # first token of every row
         offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
         positions = starts[row] + offset
         slots = tables[row, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(slot_mapping=slots.to(dev))
+        if self.native:
+            meta.native = NativeBatch(tables, torch.cat([first, torch.tensor([len(row)])]), starts + lens)
+        else:
+            self._add_buckets(meta, step, row, first, offset)
+        return step.token_ids.to(dev), positions.to(dev), meta
 
+    def _add_buckets(self, meta: AttentionMetadata, step: StepInputs, row: torch.Tensor, first: torch.Tensor,
+                     offset: torch.Tensor) -> None:
+        """The torch path's padded buckets: decodes by context length, then prompt chunks by length."""
+        dev, bs = self.device, self.block_size
+        starts, lens, tables = step.starts, step.lens, step.tables
+        ctx = starts + lens
         d = int((lens != 1).int().argmax()) if bool((lens != 1).any()) else len(lens)  # leading decodes
-        for a, b in ([(0, d)] if d and self.native_decode else buckets(ctx[:d].tolist())):
+        for a, b in buckets(ctx[:d].tolist()):
             nb = -(-int(ctx[a:b].max()) // bs)
-            bucket = DecodeBucket(tokens=slice(a, b), block_tables=tables[a:b, :nb].to(dev), context_lens=ctx[a:b].to(dev))
-            if not self.native_decode:
-                past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
-                bucket.gather_index = self._gather_index(tables[a:b, :nb]).to(dev)
-                bucket.attn_bias = torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, b - a, 1, -1).to(dev)
-            meta.decode.append(bucket)
+            past = torch.arange(nb * bs)[None, :] >= ctx[a:b, None]
+            meta.decode.append(DecodeBucket(
+                tokens=slice(a, b), gather_index=self._gather_index(tables[a:b, :nb]).to(dev),
+                attn_bias=torch.zeros(past.shape).masked_fill_(past, float("-inf")).view(1, b - a, 1, -1).to(dev)))
         for a, b in buckets(lens[d:].tolist()):
             a, b = a + d, b + d
             t0, t1 = int(first[a]), int(first[b - 1] + lens[b - 1])
@@ -111,4 +119,3 @@ class InputBuilder:
                 bucket.gather_index = self._gather_index(tables[a:b, :nb]).to(dev)
                 bucket.key_mask = visible.unsqueeze(1).to(dev)
             meta.prefill.append(bucket)
-        return step.token_ids.to(dev), positions.to(dev), meta

@@ -7,7 +7,7 @@ import torch
 from pagedllm.config import ModelConfig
 from pagedllm.engine.scheduler import ScheduledSeq
 from pagedllm.engine.sequence import Sequence
-from pagedllm.kernels import native_decode_supported
+from pagedllm.kernels import native_attention_supported
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.model_executor.context import attention_metadata
@@ -39,7 +39,7 @@ class ModelRunner:
         advise_huge_pages(self.kv_cache)
         self.kv_cache.zero_()
         self.block_size = block_size
-        native = native_decode_supported(self.device, self.dtype, attn.head_dim)
+        native = native_attention_supported(self.device, self.dtype, attn.head_dim)
         self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device, native)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]

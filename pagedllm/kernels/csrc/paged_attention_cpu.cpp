@@ -1,8 +1,14 @@
-// Paged decode attention on the CPU: one query token per sequence attends over its context, read
-// block by block straight from the KV pool through its block table. Each (sequence, KV head) task
-// reads its keys once and its values once (no gathered copy of the history) and serves all the
-// query heads that share that KV head (grouped-query attention). Math in fp32, vectorised with
-// ATen's portable SIMD types (AVX-512 / AVX2 / NEON / scalar, as the build flags select).
+// Paged attention on the CPU for every kind of query a step holds: decodes (one query per sequence),
+// fresh prompt chunks, and chunks after a cached prefix or an earlier chunk. Each query token attends
+// causally over its sequence's keys, read block by block straight from the KV pool through the block
+// table (no gathered copy of the history, no padding, no mask tensors).
+//
+// Work is split into tasks of (sequence, KV head, tile of up to kTile query tokens). A task's rows are
+// its tokens times the query heads sharing that KV head (grouped-query attention), so each key and
+// key row is loaded from memory once per tile. Scores are kept for the whole visible context (two-pass
+// softmax); each row's weighted sum of values accumulates in registers (the values, read from memory by
+// the first row, come from cache for the others). Math in fp32, vectorised with ATen's portable
+// SIMD types (AVX-512 / AVX2 / NEON / scalar, as the build flags select).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,6 +23,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kTile = 16;  // query tokens per task
 
 inline Vec load_float(const float* p) { return Vec::loadu(p); }
 template <typename T>
@@ -26,59 +33,92 @@ inline Vec load_float(const T* p) {
   return out;
 }
 
+struct Task {
+  int64_t seq, head, first, count;  // query tokens [first, first + count) of `seq`, against KV head `head`
+};
+
 template <typename T, int64_t D>
-void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* context_lens,
-                      T* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t num_blocks, int64_t block_size,
-                      int64_t width, float scale) {
-  constexpr int64_t C = D / kLanes;  // SIMD chunks per head row, kept in registers
+void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* query_start,
+               const int64_t* context_lens, T* out, int64_t num_seqs, int64_t heads, int64_t kv_heads,
+               int64_t num_blocks, int64_t block_size, int64_t width, float scale) {
+  constexpr int64_t C = D / kLanes;  // SIMD chunks per head row
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * D;  // one KV head's slice of the pool
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, len = context_lens[b];
-      const int64_t* table = tables + b * width;
-      const T* qb = q + (b * heads + h * group) * D;
-      for (int64_t i = 0; i < group * D; ++i) qf[i] = static_cast<float>(qb[i]) * scale;
-      scores.resize(group * len);
-      // Walk the context block by block: a block's rows are contiguous in the pool.
-      auto for_each_row = [&](const T* pool, auto&& body) {
-        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-          const T* rows = pool + h * head_stride + table[t0 / block_size] * block_size * D;
-          const int64_t n = std::min(block_size, len - t0);
-          for (int64_t i = 0; i < n; ++i) body(t0 + i, rows + i * D);
+
+  std::vector<Task> tasks;
+  std::vector<double> work;  // running total of query tokens x keys, up to and including each task
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t len = query_start[b + 1] - query_start[b];
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t i = 0; i < len; i += kTile) {
+        const int64_t count = std::min(kTile, len - i);
+        tasks.push_back({b, h, i, count});
+        work.push_back((work.empty() ? 0. : work.back()) + count * (context_lens[b] - len + i + count));
+      }
+  }
+  // Each thread takes a contiguous run of tasks (so it streams through its own part of the pool) holding
+  // about an equal share of the work.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  std::vector<int64_t> bounds(threads + 1, static_cast<int64_t>(tasks.size()));
+  bounds[0] = 0;
+  for (int64_t t = 1; t < threads; ++t)
+    bounds[t] = std::upper_bound(work.begin(), work.end(), work.back() * t / threads) - work.begin();
+
+  at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+    std::vector<float> qf, scores;
+    for (int64_t n = bounds[thread_begin]; n < bounds[thread_end]; ++n) {
+      const Task task = tasks[n];
+      const int64_t* table = tables + task.seq * width;
+      const int64_t token0 = query_start[task.seq] + task.first;  // the tile's first token in the step
+      // Position of the tile's first query; query i of the tile sees keys [0, pos0 + i].
+      const int64_t pos0 = context_lens[task.seq] - (query_start[task.seq + 1] - query_start[task.seq]) + task.first;
+      const int64_t rows = task.count * group, keys = pos0 + task.count;
+      auto visible = [&](int64_t r) { return pos0 + r / group + 1; };  // row r: query r / group, head r % group
+      auto head_row = [&](int64_t r) { return (token0 + r / group) * heads + task.head * group + r % group; };
+      auto for_each_key = [&](const T* pool, int64_t n_keys, auto&& body) {  // a block's rows are contiguous
+        for (int64_t j0 = 0; j0 < n_keys; j0 += block_size) {
+          const T* block = pool + task.head * head_stride + table[j0 / block_size] * block_size * D;
+          for (int64_t i = 0; i < std::min(block_size, n_keys - j0); ++i) body(j0 + i, block + i * D);
         }
       };
 
-      for_each_row(k_cache, [&](int64_t t, const T* k) {  // scores = q . k, each key row converted once
+      qf.resize(rows * D);
+      scores.resize(rows * keys);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
+
+      for_each_key(k_cache, keys, [&](int64_t j, const T* k) {  // scores = q . k, for the rows that see key j
         Vec kv[C];
         for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * D;
-          Vec s(0.f);
-          for (int64_t c = 0; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qg + c * kLanes), kv[c], s);
-          scores[g * len + t] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
+        for (int64_t r = std::max<int64_t>(0, j - pos0) * group; r < rows; ++r) {
+          const float* qr = qf.data() + r * D;
+          Vec s = Vec::loadu(qr) * kv[0];
+          for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
+          scores[r * keys + j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
         }
       });
-      for (int64_t g = 0; g < group; ++g) {  // softmax
-        float* sg = scores.data() + g * len;
-        const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sg, len);
-        at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sg, sg, len);
-        const float inv = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sg, len);
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, sg, sg, len);
+      for (int64_t r = 0; r < rows; ++r) {  // softmax over each row's visible keys; zero past them
+        float* sr = scores.data() + r * keys;
+        const int64_t n_vis = visible(r);
+        const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n_vis);
+        at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sr, sr, n_vis);
+        const float inv = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n_vis);
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, sr, sr, n_vis);
+        std::fill(sr + n_vis, sr + keys, 0.f);
       }
-      for (int64_t g = 0; g < group; ++g) {  // out = probs . v; after the first head the rows come from cache
+
+      for (int64_t r = 0; r < rows; ++r) {  // out = probs . v
+        const float* pr = scores.data() + r * keys;
         Vec acc[C];
         for (int64_t c = 0; c < C; ++c) acc[c] = Vec(0.f);
-        const float* pg = scores.data() + g * len;
-        for_each_row(v_cache, [&](int64_t t, const T* v) {
-          const Vec p(pg[t]);
+        for_each_key(v_cache, visible(r), [&](int64_t j, const T* v) {
+          const Vec p(pr[j]);
           for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, load_float(v + c * kLanes), acc[c]);
         });
         float row[D];
         for (int64_t c = 0; c < C; ++c) acc[c].store(row + c * kLanes);
-        T* og = out + (b * heads + h * group + g) * D;
-        for (int64_t i = 0; i < D; ++i) og[i] = static_cast<T>(row[i]);
+        T* dst = out + head_row(r) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
       }
     }
   });
@@ -86,39 +126,46 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
 
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
-            const at::Tensor& lens, at::Tensor& out, double scale) {
+            const at::Tensor& query_start, const at::Tensor& lens, at::Tensor& out, double scale) {
   auto run = [&](auto head_dim) {
-    decode_attention<T, decltype(head_dim)::value>(
-        q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-        out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(0), k_cache.size(1), k_cache.size(2), tables.size(1),
-        static_cast<float>(scale));
+    attention<T, decltype(head_dim)::value>(
+        q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables.data_ptr<int64_t>(),
+        query_start.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<T>(), lens.size(0), q.size(1),
+        k_cache.size(0), k_cache.size(1), k_cache.size(2), tables.size(1), static_cast<float>(scale));
   };
   switch (q.size(2)) {
     case 16: run(std::integral_constant<int64_t, 16>{}); break;  // the test suite's tiny models
     case 32: run(std::integral_constant<int64_t, 32>{}); break;
     case 64: run(std::integral_constant<int64_t, 64>{}); break;
     case 128: run(std::integral_constant<int64_t, 128>{}); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: head_dim ", q.size(2), " not built (16, 32, 64 and 128 are)");
+    default: TORCH_CHECK(false, "paged_attention: head_dim ", q.size(2), " not built (16, 32, 64 and 128 are)");
   }
 }
 
-// q: [B, heads, D]; k_cache/v_cache: [kv_heads, num_blocks, block_size, D]; block_tables: [B, W] (int64);
-// context_lens: [B] (int64, each >= 1). Returns [B, heads, D].
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_decode_attention runs on the CPU");
+// q: [T, heads, D], the step's query tokens sequence after sequence; k_cache/v_cache: [kv_heads, num_blocks,
+// block_size, D] with this step's keys and values already written; block_tables: [B, W]; query_start: [B + 1]
+// offsets of each sequence's tokens in q; context_lens: [B] tokens each sequence has after this step.
+// All index tensors int64. Returns [T, heads, D].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_start, const at::Tensor& context_lens,
+                           double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention runs on the CPU");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(), "dtype mismatch");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV pool must be contiguous");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables and lengths");
+  for (const auto* t : {&block_tables, &query_start, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "int64 block tables, query starts and context lengths");
+  TORCH_CHECK(query_start.numel() == context_lens.numel() + 1 && block_tables.size(0) == context_lens.numel(),
+              "one block table and context length per sequence, one more query start");
   TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && q.size(2) == k_cache.size(3), "heads do not match the pool");
-  const auto qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  const auto qc = q.contiguous(), tables = block_tables.contiguous(), starts = query_start.contiguous(),
+             lens = context_lens.contiguous();
   auto out = at::empty_like(qc);
   switch (q.scalar_type()) {
-    case at::kFloat: launch<float>(qc, k_cache, v_cache, tables, lens, out, scale); break;
-    case at::kBFloat16: launch<at::BFloat16>(qc, k_cache, v_cache, tables, lens, out, scale); break;
-    case at::kHalf: launch<at::Half>(qc, k_cache, v_cache, tables, lens, out, scale); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+    case at::kFloat: launch<float>(qc, k_cache, v_cache, tables, starts, lens, out, scale); break;
+    case at::kBFloat16: launch<at::BFloat16>(qc, k_cache, v_cache, tables, starts, lens, out, scale); break;
+    case at::kHalf: launch<at::Half>(qc, k_cache, v_cache, tables, starts, lens, out, scale); break;
+    default: TORCH_CHECK(false, "paged_attention: unsupported dtype ", q.scalar_type());
   }
   return out;
 }
@@ -126,8 +173,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY(pagedllm, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start, "
+        "Tensor context_lens, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("paged_attention", &paged_attention); }
