@@ -60,3 +60,37 @@ def test_attention_kernel_rejects_bad_input():
         paged_attention(q[..., :16], small, small, tables.int(), starts, lens, 1.0)
     with pytest.raises(RuntimeError, match="one more query start"):
         paged_attention(q[..., :16], small, small, tables, starts[:2], lens, 1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_fused_layers_match_torch_path(dtype, tol, tokens):
+    """Each layer's native forward against its torch forward (same module, same inputs); odd sizes test row tails."""
+    from pagedllm.layers.activation import SiluAndMul
+    from pagedllm.layers.layernorm import RMSNorm
+    from pagedllm.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(tokens, 72, generator=g).to(dtype) for _ in range(2))
+    norm = RMSNorm(72, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(72, generator=g).to(dtype)
+    close = dict(atol=tol, rtol=tol)
+    torch.testing.assert_close(norm.forward_native(x), norm.forward_torch(x), **close)
+    want_x, want_res = norm.forward_torch(x, residual)
+    got_x, got_res = norm.forward_native(x.clone(), residual.clone())
+    torch.testing.assert_close(got_x, want_x, **close)
+    torch.testing.assert_close(got_res, want_res, **close)
+
+    gate_up = torch.randn(tokens, 2 * 40, generator=g).to(dtype)
+    torch.testing.assert_close(SiluAndMul().forward_native(gate_up), SiluAndMul().forward_torch(gate_up), **close)
+
+    rotary = RotaryEmbedding(16, 512, 10000.0)
+    positions = torch.randint(0, 512, (tokens,), generator=g)
+    qkv = torch.randn(tokens, 3 * 2 * 16, generator=g).to(dtype)  # q, k, v of 2 heads each, as one projection
+    def q_k(t):  # strided views into the projection, as the model passes them
+        return t[:, :32].view(tokens, 2, 16), t[:, 32:64].view(tokens, 2, 16)
+
+    want = rotary.forward_torch(positions, *q_k(qkv))
+    got = rotary.forward_native(positions, *q_k(qkv.clone()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **close)

@@ -1,8 +1,10 @@
-"""Native CPU kernels: C++ built once with the machine's compiler on first use (a few seconds), cached
-under ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
+"""Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU): C++ built once with
+the machine's compiler on first use (a few seconds), cached under ~/.cache/pagedllm/kernels, and loaded
+as torch operators (`torch.ops.pagedllm.*`).
 
 Everything here has a pure-torch fallback: with no compiler, or PAGEDLLM_ATTENTION_BACKEND=torch,
-the engine computes the same attention with torch ops (slower: it gathers each sequence's history, pads and masks).
+the engine computes the same layers with torch ops (slower: attention gathers each sequence's history,
+pads and masks; each fused layer becomes a chain of ops).
 `python -m pagedllm.kernels` builds them ahead of time (`make setup` does).
 """
 
@@ -17,9 +19,9 @@ import torch
 
 logger = logging.getLogger("pagedllm")
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"]
-HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
 
 # Build flags for ATen's SIMD types (at::vec), matching the capability torch itself picked on this CPU.
 _ISA_FLAGS = {
@@ -65,14 +67,21 @@ def load_cpu_ops() -> bool:
     return True
 
 
-def native_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether attention on this device and shape runs in the native kernel."""
+def native_ops_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused layers (RMSNorm, rotary, SwiGLU) run natively for a model on this device and dtype."""
     backend = attention_backend()
-    if backend == "torch" or device.type != "cpu" or dtype not in DTYPES or head_dim not in HEAD_DIMS:
+    if backend == "torch" or device.type != "cpu" or dtype not in DTYPES:
         if backend == "native":
-            raise ValueError(f"the native attention kernel does not cover {device.type} / {dtype} / head_dim {head_dim}")
+            raise ValueError(f"the native kernels do not cover {device.type} / {dtype}")
         return False
     return load_cpu_ops()
+
+
+def native_attention_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attention on this device and shape runs in the native kernel."""
+    if head_dim not in HEAD_DIMS and attention_backend() == "native":
+        raise ValueError(f"the native attention kernel does not cover head_dim {head_dim}")
+    return head_dim in HEAD_DIMS and native_ops_enabled(device, dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -81,3 +90,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     query_start[b + 1]], the last of its context_lens[b] tokens) over each sequence's keys and values in
     the pool ([kv_heads, blocks, block_size, D]), found through its block table."""
     return torch.ops.pagedllm.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.pagedllm.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """residual += x; x = rms_norm(residual), both in place."""
+    torch.ops.pagedllm.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.pagedllm.silu_and_mul(x)
+
+
+def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half rotary embedding of x [T, heads, head_dim] in place, from fp32 tables [positions, head_dim / 2]."""
+    torch.ops.pagedllm.rotary_embedding(positions, x, cos, sin)

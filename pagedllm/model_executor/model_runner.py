@@ -7,8 +7,9 @@ import torch
 from pagedllm.config import ModelConfig
 from pagedllm.engine.scheduler import ScheduledSeq
 from pagedllm.engine.sequence import Sequence
-from pagedllm.kernels import native_attention_supported
+from pagedllm.kernels import native_attention_supported, native_ops_enabled
 from pagedllm.layers.attention import PagedAttention
+from pagedllm.layers.custom_op import enable_native_ops
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from pagedllm.model_executor.context import attention_metadata
 from pagedllm.model_executor.input_builder import InputBuilder, StepInputs
@@ -22,6 +23,8 @@ class ModelRunner:
                  quantization: str | None = None, stage: Stage | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.model = build_model(cfg, folder, dtype, device, quantization, stage)
+        if native_ops_enabled(device, dtype):
+            enable_native_ops(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sampler = Sampler(seed)
         self.kv_cache: torch.Tensor | None = None

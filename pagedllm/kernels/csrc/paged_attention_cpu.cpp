@@ -172,7 +172,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 
 }  // namespace
 
-TORCH_LIBRARY(pagedllm, m) {
+TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start, "
         "Tensor context_lens, float scale) -> Tensor");
 }
