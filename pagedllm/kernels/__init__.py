@@ -1,6 +1,6 @@
-"""Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU): C++ built once with
-the machine's compiler on first use (a few seconds), cached under ~/.cache/pagedllm/kernels, and loaded
-as torch operators (`torch.ops.pagedllm.*`).
+"""Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; small-batch linear):
+C++ built once with the machine's compiler on first use (a few seconds), cached under
+~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
 Everything here has a pure-torch fallback: with no compiler, or PAGEDLLM_ATTENTION_BACKEND=torch,
 the engine computes the same layers with torch ops (slower: attention gathers each sequence's history,
@@ -19,9 +19,10 @@ import torch
 
 logger = logging.getLogger("pagedllm")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
+SMALL_BATCH_ROWS = 4  # up to this many tokens, linear layers use small_batch_linear
 
 # Build flags for ATen's SIMD types (at::vec), matching the capability torch itself picked on this CPU.
 _ISA_FLAGS = {
@@ -108,3 +109,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half rotary embedding of x [T, heads, head_dim] in place, from fp32 tables [positions, head_dim / 2]."""
     torch.ops.pagedllm.rotary_embedding(positions, x, cos, sin)
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M <= SMALL_BATCH_ROWS, K] @ weight [N, K]^T (+ bias), streaming the weights at memory speed."""
+    return torch.ops.pagedllm.small_batch_linear(x, weight, bias)

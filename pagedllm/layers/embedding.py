@@ -44,6 +44,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; each rank computes its vocabulary slice, then they are gathered."""
 
+    native = False  # as LinearBase.native
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.tp.all_gather_last_dim(quant.linear(hidden, self))
         return logits[..., : self.vocab_size]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import kernels
+
 INT8_KERNEL_MAX_ROWS = 16  # above this many tokens, dequantize + bf16 matmul is faster on AMX CPUs
 
 
@@ -37,6 +39,8 @@ def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None)
     """x @ W^T for a float or int8-quantized module weight."""
     w = module.weight
     if w.dtype != torch.int8:
+        if module.native and x.dim() == 2 and x.shape[0] <= kernels.SMALL_BATCH_ROWS:
+            return kernels.small_batch_linear(x, w, bias)
         return F.linear(x, w, bias)
     if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.contiguous(), w, module.weight_scale)
