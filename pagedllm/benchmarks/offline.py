@@ -113,7 +113,7 @@ def _print_throughput(r: dict) -> None:
     print(f"  output {r['output_tok_s']:.1f} tok/s | total {r['total_tok_s']:.1f} tok/s | {r['requests_per_s']:.2f} req/s")
     print(f"  machine: matmul {lim['matmul_flops_1_token'] / 1e9:.0f} / {lim[f'matmul_flops_{b}_tokens'] / 1e9:.0f} / "
           f"{lim['matmul_flops_1024_tokens'] / 1e9:.0f} GFLOP/s at 1 / {b} / 1024 tokens; "
-          f"copy {lim['copy_bandwidth'] / 1e9:.1f} GB/s")
+          f"memory read {lim['read_bandwidth'] / 1e9:.1f} GB/s")
     print(f"  roofline {roof['max_output_tok_s']:.0f} output tok/s -> we reach {100 * roof['fraction']:.0f} % "
           f"({roof['achieved_flops'] / 1e9:.0f} GFLOP/s of model matmuls)")
     if "hf" in r:
@@ -143,13 +143,13 @@ def cmd_latency(ns: argparse.Namespace) -> None:
         ttfts.append(first - start)
         tpots.append((done - first) / (n - 1))
     weight_bytes = engine.runner.weight_bytes
-    bandwidth = roofline.copy_bandwidth(engine.device)
+    bandwidth = roofline.read_bandwidth(engine.device)
     tpot = sorted(tpots)[len(tpots) // 2]
     result = {
         "benchmark": "latency", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
         "prompt_tokens": len(prompt), "output_tokens": n, "iterations": ns.num_iters,
         "ttft_s": sorted(ttfts)[len(ttfts) // 2], "tpot_s": tpot, "decode_tok_s": 1 / tpot,
-        "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth,
+        "weight_bytes": weight_bytes, "read_bandwidth": bandwidth,
         "bandwidth_limit_tok_s": bandwidth / weight_bytes, "bandwidth_fraction": (weight_bytes / tpot) / bandwidth,
     }
     print(f"\n{result['model']} ({result['dtype']}), one request of {len(prompt)} prompt tokens, {n} output tokens "
