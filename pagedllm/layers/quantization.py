@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm import kernels
 
-INT8_KERNEL_MAX_ROWS = 16  # above this many tokens, dequantize + bf16 matmul is faster on AMX CPUs
+INT8_KERNEL_MAX_ROWS = 16  # above this many tokens, dequantize + bf16 matmul is faster on bf16-capable CPUs
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

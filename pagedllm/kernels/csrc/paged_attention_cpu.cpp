@@ -75,9 +75,16 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
       const int64_t rows = task.count * group, keys = pos0 + task.count;
       auto visible = [&](int64_t r) { return pos0 + r / group + 1; };  // row r: query r / group, head r % group
       auto head_row = [&](int64_t r) { return (token0 + r / group) * heads + task.head * group + r % group; };
-      auto for_each_key = [&](const T* pool, int64_t n_keys, auto&& body) {  // a block's rows are contiguous
+      // A block's rows are contiguous, but blocks lie anywhere in the pool: while one block is read, the
+      // next is prefetched, so the memory system always has a stream to serve.
+      auto for_each_key = [&](const T* pool, int64_t n_keys, auto&& body) {
+        const T* head_pool = pool + task.head * head_stride;
         for (int64_t j0 = 0; j0 < n_keys; j0 += block_size) {
-          const T* block = pool + task.head * head_stride + table[j0 / block_size] * block_size * D;
+          const T* block = head_pool + table[j0 / block_size] * block_size * D;
+          if (j0 + block_size < n_keys) {
+            const char* next = reinterpret_cast<const char*>(head_pool + table[j0 / block_size + 1] * block_size * D);
+            for (int64_t b = 0; b < block_size * D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+          }
           for (int64_t i = 0; i < std::min(block_size, n_keys - j0); ++i) body(j0 + i, block + i * D);
         }
       };
