@@ -94,3 +94,23 @@ def test_fused_layers_match_torch_path(dtype, tol, tokens):
     got = rotary.forward_native(positions, *q_k(qkv.clone()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **close)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_small_batch_linear_matches_matmul(dtype, tol, rows):
+    """Float and int8 (per-row scale) weights; 72 inputs leave a tail after the SIMD chunks."""
+    from pagedllm.kernels import small_batch_linear
+    from pagedllm.layers.quantization import quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 72, generator=g).to(dtype)
+    w, bias = torch.randn(50, 72, generator=g).to(dtype), torch.randn(50, generator=g).to(dtype)
+    close = dict(atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(small_batch_linear(x, w, bias).float(), (x.double() @ w.double().T + bias.double()).float(),
+                               **close)
+    q, scale = quantize_rows(w)
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(small_batch_linear(x, q, None, scale).float(), want.float(), **close)
+    with pytest.raises(RuntimeError, match="need a scale"):
+        small_batch_linear(x, q, None)

@@ -111,6 +111,8 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor
     torch.ops.pagedllm.rotary_embedding(positions, x, cos, sin)
 
 
-def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M <= SMALL_BATCH_ROWS, K] @ weight [N, K]^T (+ bias), streaming the weights at memory speed."""
-    return torch.ops.pagedllm.small_batch_linear(x, weight, bias)
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= SMALL_BATCH_ROWS, K] @ weight [N, K]^T (+ bias), streaming the weights at memory speed; int8
+    weights are multiplied by their per-row `scale`."""
+    return torch.ops.pagedllm.small_batch_linear(x, weight, bias, scale)

@@ -1,7 +1,8 @@
 // y = x W^T for the few rows of a small decode batch. A matmul library tuned for large batches streams
-// the weights well below the memory's bandwidth at one row (measured here: about 22 GB/s of weights
-// against 35-40 GB/s copy bandwidth); this kernel reads each weight row once, straight into fp32
-// dot products with every input row, splitting the output features over the threads.
+// the weights well below the memory's bandwidth at one row (measured here: about 24 GB/s of weights,
+// against 50 GB/s and more of read bandwidth); this kernel reads each weight row once, straight into
+// fp32 dot products with every input row, splitting the output features over the threads. Weights are
+// the activations' dtype, or int8 with one scale per output row (weight-only quantization).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,6 +23,14 @@ template <typename T>
 inline Vec load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    float tmp[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) tmp[i] = p[i];
+    return Vec::loadu(tmp);
+#endif
   } else {
     Vec v;
     at::vec::load_to_float(p, v);
@@ -29,13 +38,14 @@ inline Vec load_float(const T* p) {
   }
 }
 
-template <typename T, int64_t M>
-void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n_out, int64_t k) {
+// T: the activations' dtype; W: the weights' (T, or int8 with `scale`).
+template <typename T, typename W, int64_t M>
+void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n_out, int64_t k) {
   std::vector<float> xf(M * k);  // the inputs in fp32, read from cache for every weight row
   for (int64_t i = 0; i < M * k; ++i) xf[i] = static_cast<float>(x[i]);
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const T* wr = w + n * k;
+      const W* wr = w + n * k;
       Vec acc[M];
       for (int64_t m = 0; m < M; ++m) acc[m] = Vec(0.f);
       int64_t i = 0;
@@ -46,6 +56,7 @@ void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n_out, int64_t k)
       for (int64_t m = 0; m < M; ++m) {
         float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m]);
         for (int64_t j = i; j < k; ++j) s += xf[m * k + j] * static_cast<float>(wr[j]);
+        if (scale != nullptr) s *= static_cast<float>(scale[n]);
         if (bias != nullptr) s += static_cast<float>(bias[n]);
         y[m * n_out + n] = static_cast<T>(s);
       }
@@ -53,22 +64,28 @@ void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n_out, int64_t k)
   });
 }
 
-// x: [M, K] with M <= 4; weight: [N, K]; bias: [N] or none. Returns [M, N].
-at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// x: [M, K] with M <= 4; weight: [N, K], x's dtype or int8 with scale [N]; bias: [N] or none. Returns [M, N].
+at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "small_batch_linear: x [M, K] and weight [N, K] on the CPU");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "small_batch_linear: 1 to ", kMaxRows, " rows");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous(), "small_batch_linear: weight dtype");
-  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == weight.size(0)),
-              "small_batch_linear: bias");
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(weight.is_contiguous() && (int8 || weight.scalar_type() == x.scalar_type()), "small_batch_linear: weight dtype");
+  TORCH_CHECK(int8 == scale.has_value(), "small_batch_linear: int8 weights need a scale, others none");
+  for (const auto* t : {&bias, &scale})
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
+                "small_batch_linear: bias and scale are [N] in x's dtype");
   const auto xc = x.contiguous();
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
+  auto run = [&](auto act, auto wgt) {
+    using T = decltype(act);
+    using W = decltype(wgt);
     const T* b = bias ? bias->data_ptr<T>() : nullptr;
+    const T* sc = scale ? scale->data_ptr<T>() : nullptr;
     auto call = [&](auto rows) {
-      gemv<T, decltype(rows)::value>(xc.data_ptr<T>(), weight.data_ptr<T>(), b, y.data_ptr<T>(), weight.size(0),
-                                     weight.size(1));
+      gemv<T, W, decltype(rows)::value>(xc.data_ptr<T>(), static_cast<const W*>(weight.data_ptr()), sc, b,
+                                        y.data_ptr<T>(), weight.size(0), weight.size(1));
     };
     switch (x.size(0)) {
       case 1: call(std::integral_constant<int64_t, 1>{}); break;
@@ -77,10 +94,17 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
       default: call(std::integral_constant<int64_t, 4>{}); break;
     }
   };
+  auto with_weight = [&](auto act) {
+    if (int8) {
+      run(act, int8_t{});
+    } else {
+      run(act, act);
+    }
+  };
   switch (x.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    case at::kHalf: run(at::Half{}); break;
+    case at::kFloat: with_weight(float{}); break;
+    case at::kBFloat16: with_weight(at::BFloat16{}); break;
+    case at::kHalf: with_weight(at::Half{}); break;
     default: TORCH_CHECK(false, "small_batch_linear: unsupported dtype ", x.scalar_type());
   }
   return y;
@@ -88,6 +112,8 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) { m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
