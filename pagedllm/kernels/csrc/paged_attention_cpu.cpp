@@ -4,11 +4,13 @@
 // table (no gathered copy of the history, no padding, no mask tensors).
 //
 // Work is split into tasks of (sequence, KV head, tile of up to kTile query tokens). A task's rows are
-// its tokens times the query heads sharing that KV head (grouped-query attention), so each key and
-// key row is loaded from memory once per tile. Scores are kept for the whole visible context (two-pass
-// softmax); each row's weighted sum of values accumulates in registers (the values, read from memory by
-// the first row, come from cache for the others). Math in fp32, vectorised with ATen's portable
-// SIMD types (AVX-512 / AVX2 / NEON / scalar, as the build flags select).
+// its tokens times the query heads sharing that KV head (grouped-query attention), so each key row is
+// loaded from memory once per tile. With many rows, kLanes keys at a time are transposed so that each
+// row's scores for them are plain FMAs (a small matrix product) instead of dot products. Scores are kept
+// for the whole visible context (two-pass softmax); each row's weighted sum of values accumulates in
+// registers (the values, read from memory by the first row, come from cache for the others). Math in
+// fp32, vectorised with ATen's portable SIMD types (AVX-512 / AVX2 / NEON / scalar, as the build flags
+// select).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -23,7 +25,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kTile = 16;  // query tokens per task
+constexpr int64_t kTile = 32;          // query tokens per task
+constexpr int64_t kTransposeRows = 8;  // from this many rows per task, scores use transposed keys
+constexpr int64_t kRowBlock = 4;       // rows scored together (independent accumulators)
 
 inline Vec load_float(const float* p) { return Vec::loadu(p); }
 template <typename T>
@@ -65,7 +69,9 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
     bounds[t] = std::upper_bound(work.begin(), work.end(), work.back() * t / threads) - work.begin();
 
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> qf, scores;
+    std::vector<float> qf, scores, sums;  // per task: scaled queries, probabilities, weighted value sums
+    float kt[D * kLanes];  // kLanes keys, transposed: kt[d * kLanes + j]
+    float vt[kLanes * D];  // kLanes value rows in fp32
     for (int64_t n = bounds[thread_begin]; n < bounds[thread_end]; ++n) {
       const Task task = tasks[n];
       const int64_t* table = tables + task.seq * width;
@@ -89,21 +95,42 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         }
       };
 
-      qf.resize(rows * D);
+      qf.resize((rows + kRowBlock) * D);
+      std::fill(qf.begin() + rows * D, qf.end(), 0.f);  // zero rows past the end let row blocks run whole
       scores.resize(rows * keys);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
 
-      for_each_key(k_cache, keys, [&](int64_t j, const T* k) {  // scores = q . k, for the rows that see key j
-        Vec kv[C];
-        for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
-        for (int64_t r = std::max<int64_t>(0, j - pos0) * group; r < rows; ++r) {
-          const float* qr = qf.data() + r * D;
-          Vec s = Vec::loadu(qr) * kv[0];
-          for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
-          scores[r * keys + j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
+      if (rows < kTransposeRows) {  // few rows (decodes): a dot product per row and key
+        for_each_key(k_cache, keys, [&](int64_t j, const T* k) {
+          Vec kv[C];
+          for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
+          for (int64_t r = std::max<int64_t>(0, j - pos0) * group; r < rows; ++r) {  // the rows that see key j
+            const float* qr = qf.data() + r * D;
+            Vec s = Vec::loadu(qr) * kv[0];
+            for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
+            scores[r * keys + j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
+          }
+        });
+      } else {  // many rows (prompt tiles): kLanes keys at a time, transposed once, then broadcast FMAs
+        for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+          const int64_t nk = std::min(kLanes, keys - j0);
+          for (int64_t jj = 0; jj < kLanes; ++jj) {
+            const int64_t j = j0 + std::min(jj, nk - 1);  // past the end: repeat the last key (never used)
+            const T* k = k_cache + task.head * head_stride + (table[j / block_size] * block_size + j % block_size) * D;
+            for (int64_t d = 0; d < D; ++d) kt[d * kLanes + jj] = static_cast<float>(k[d]);
+          }
+          for (int64_t r0 = std::max<int64_t>(0, j0 - pos0) * group; r0 < rows; r0 += kRowBlock) {
+            Vec acc[kRowBlock];
+            for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = Vec(0.f);
+            for (int64_t d = 0; d < D; ++d) {
+              const Vec kd = Vec::loadu(kt + d * kLanes);
+              for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = at::vec::fmadd(Vec(qf[(r0 + i) * D + d]), kd, acc[i]);
+            }
+            for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i) acc[i].store(scores.data() + (r0 + i) * keys + j0, nk);
+          }
         }
-      });
+      }
       for (int64_t r = 0; r < rows; ++r) {  // softmax over each row's visible keys; zero past them
         float* sr = scores.data() + r * keys;
         const int64_t n_vis = visible(r);
@@ -114,18 +141,45 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         std::fill(sr + n_vis, sr + keys, 0.f);
       }
 
-      for (int64_t r = 0; r < rows; ++r) {  // out = probs . v
-        const float* pr = scores.data() + r * keys;
-        Vec acc[C];
-        for (int64_t c = 0; c < C; ++c) acc[c] = Vec(0.f);
-        for_each_key(v_cache, visible(r), [&](int64_t j, const T* v) {
-          const Vec p(pr[j]);
-          for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, load_float(v + c * kLanes), acc[c]);
-        });
-        float row[D];
-        for (int64_t c = 0; c < C; ++c) acc[c].store(row + c * kLanes);
-        T* dst = out + head_row(r) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+      if (rows < kTransposeRows) {  // out = probs . v, one row at a time, its sum in registers
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* pr = scores.data() + r * keys;
+          Vec acc[C];
+          for (int64_t c = 0; c < C; ++c) acc[c] = Vec(0.f);
+          for_each_key(v_cache, visible(r), [&](int64_t j, const T* v) {
+            const Vec p(pr[j]);
+            for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, load_float(v + c * kLanes), acc[c]);
+          });
+          float row[D];
+          for (int64_t c = 0; c < C; ++c) acc[c].store(row + c * kLanes);
+          T* dst = out + head_row(r) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+        }
+      } else {  // kLanes value rows at a time, converted to fp32 once for all rows (zero probs past each row's end)
+        sums.assign(rows * D, 0.f);
+        for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+          const int64_t nk = std::min(kLanes, keys - j0);
+          for (int64_t jj = 0; jj < nk; ++jj) {
+            const int64_t j = j0 + jj;
+            const T* v = v_cache + task.head * head_stride + (table[j / block_size] * block_size + j % block_size) * D;
+            for (int64_t c = 0; c < C; ++c) load_float(v + c * kLanes).store(vt + jj * D + c * kLanes);
+          }
+          for (int64_t r = std::max<int64_t>(0, j0 - pos0) * group; r < rows; ++r) {
+            float* sr = sums.data() + r * D;
+            const float* pr = scores.data() + r * keys + j0;
+            Vec acc[C];
+            for (int64_t c = 0; c < C; ++c) acc[c] = Vec::loadu(sr + c * kLanes);
+            for (int64_t jj = 0; jj < nk; ++jj) {
+              const Vec p(pr[jj]);
+              for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vt + jj * D + c * kLanes), acc[c]);
+            }
+            for (int64_t c = 0; c < C; ++c) acc[c].store(sr + c * kLanes);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          T* dst = out + head_row(r) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sums[r * D + d]);
+        }
       }
     }
   });
