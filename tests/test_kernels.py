@@ -114,3 +114,19 @@ def test_small_batch_linear_matches_matmul(dtype, tol, rows):
     torch.testing.assert_close(small_batch_linear(x, q, None, scale).float(), want.float(), **close)
     with pytest.raises(RuntimeError, match="need a scale"):
         small_batch_linear(x, q, None)
+
+
+def test_reshape_and_cache_writes_each_token_at_its_slot():
+    from pagedllm.kernels import reshape_and_cache
+
+    g = torch.Generator().manual_seed(0)
+    kv_heads, blocks, block_size, head_dim = 2, 6, 4, 16
+    qkv = torch.randn(5, 3 * kv_heads * head_dim, generator=g).bfloat16()  # keys and values sliced from one projection
+    key = qkv[:, kv_heads * head_dim:2 * kv_heads * head_dim].view(5, kv_heads, head_dim)
+    value = qkv[:, 2 * kv_heads * head_dim:].view(5, kv_heads, head_dim)
+    slots = torch.tensor([3, 9, 10, 22, 0])
+    k_cache, v_cache = (torch.zeros(kv_heads, blocks, block_size, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    for cache, src in ((k_cache, key), (v_cache, value)):
+        want = torch.zeros_like(cache).view(kv_heads, -1, head_dim).index_copy_(1, slots, src.transpose(0, 1))
+        assert torch.equal(cache.view(kv_heads, -1, head_dim), want)

@@ -93,6 +93,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return torch.ops.pagedllm.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
 
 
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write a step's keys and values [T, kv_heads, D] into the pool [kv_heads, blocks, block_size, D] at their slots."""
+    torch.ops.pagedllm.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.pagedllm.rms_norm(x, weight, eps)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.kernels import paged_attention
+from pagedllm.kernels import paged_attention, reshape_and_cache
 from pagedllm.model_executor.context import DecodeBucket, PrefillBucket, get_attention_metadata
 
 
@@ -35,13 +35,14 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, head_dim], k/v: [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         meta = get_attention_metadata()
+        if meta.native is not None:
+            n = meta.native
+            reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            return paged_attention(q, self.k_cache, self.v_cache, n.block_tables, n.query_start, n.context_lens,
+                                   self.scale).view(q.shape[0], -1)
         kvh, hd = self.num_kv_heads, self.head_dim
         self.k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        if meta.native is not None:
-            n = meta.native
-            return paged_attention(q, self.k_cache, self.v_cache, n.block_tables, n.query_start, n.context_lens,
-                                   self.scale).view(q.shape[0], -1)
         out = torch.empty_like(q)
         for bucket in meta.decode:
             out[bucket.tokens] = self._decode(q[bucket.tokens], bucket)

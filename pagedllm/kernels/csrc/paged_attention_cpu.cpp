@@ -231,11 +231,42 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+// Writes this step's keys and values ([T, kv_heads, D], rows may be strided as slices of the QKV output)
+// into the pool at each token's slot (slot = block * block_size + offset).
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  key.stride(1) == key.size(2) && value.stride(1) == value.size(2),
+              "reshape_and_cache: key and value [tokens, kv_heads, head_dim] with contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == key.size(1) &&
+                  k_cache.size(3) == key.size(2) && key.scalar_type() == k_cache.scalar_type(),
+              "reshape_and_cache: pool [kv_heads, blocks, block_size, head_dim] in the keys' dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == key.size(0), "reshape_and_cache: slots");
+  const int64_t tokens = key.size(0), kv_heads = key.size(1), row = key.size(2) * key.element_size();
+  const int64_t head_stride = k_cache.size(1) * k_cache.size(2) * row;  // bytes of one KV head's pool
+  const auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const char *pk = static_cast<const char*>(key.data_ptr()), *pv = static_cast<const char*>(value.data_ptr());
+  char *ck = static_cast<char*>(k_cache.data_ptr()), *cv = static_cast<char*>(v_cache.data_ptr());
+  const int64_t ks = key.stride(0) * key.element_size(), vs = value.stride(0) * value.element_size();
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(ck + h * head_stride + slot[t] * row, pk + t * ks + h * row, row);
+        std::memcpy(cv + h * head_stride + slot[t] * row, pv + t * vs + h * row, row);
+      }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start, "
         "Tensor context_lens, float scale) -> Tensor");
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("reshape_and_cache", &reshape_and_cache);
+}
