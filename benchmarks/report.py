@@ -28,13 +28,15 @@ def _tables(results: dict[str, dict]) -> list[str]:
     if thr:
         lines += ["## Offline throughput", "",
                   "| run | requests | prompt / output tokens | output tok/s | total tok/s | roofline tok/s | of roofline "
-                  "| HF static (16) tok/s | HF generate_batch tok/s | command |", "|" + "---|" * 10]
+                  "| roofline with KV reads | of it | HF static (16) tok/s | HF generate_batch tok/s | command |",
+                  "|" + "---|" * 12]
         for name, r in thr.items():
-            hf = r.get("hf", {})
+            hf, kv = r.get("hf", {}), r.get("roofline_with_kv_reads", {})
             static, cb = hf.get("static_batch_16_output_tok_s", float("nan")), hf.get("generate_batch_output_tok_s", float("nan"))
             lines.append(
                 f"| {name} | {r['num_prompts']} | {r['prompt_tokens']} / {r['output_tokens']} | {r['output_tok_s']:.1f} | "
                 f"{r['total_tok_s']:.1f} | {r['roofline']['max_output_tok_s']:.0f} | {100 * r['roofline']['fraction']:.0f} % | "
+                f"{kv.get('max_output_tok_s', float('nan')):.0f} | {100 * kv.get('fraction', float('nan')):.0f} % | "
                 f"{static:.1f} | {cb:.1f} | `{r.get('command')}` |")
         lines.append("")
     lat = {k: v for k, v in results.items() if v.get("benchmark") == "latency"}

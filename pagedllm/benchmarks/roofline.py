@@ -78,3 +78,14 @@ def throughput_roofline(cfg: ModelConfig, limits: dict, prompt_tokens: int, outp
     t_decode = output_tokens * (per_token + lm_head) / limits[f"matmul_flops_{limits['decode_batch']}_tokens"]
     return {"model_flops": prompt_tokens * per_token + output_tokens * (per_token + lm_head),
             "min_seconds": t_prefill + t_decode, "max_output_tok_s": output_tokens / (t_prefill + t_decode)}
+
+
+def decode_kv_read_seconds(cfg: ModelConfig, limits: dict, prompt_lens: list[int], output_lens: list[int],
+                           kv_bytes: int) -> float:
+    """Time to read, at the measured read bandwidth, the keys and values every decode step must read: a request
+    with p prompt and n output tokens decodes n - 1 times over contexts p + 1 ... p + n - 1. The matmul
+    roofline above leaves this out; it is not small once contexts reach hundreds of tokens."""
+    from pagedllm.memory.kv_sizing import kv_bytes_per_token
+
+    tokens_read = sum((n - 1) * p + n * (n - 1) // 2 for p, n in zip(prompt_lens, output_lens))
+    return tokens_read * kv_bytes_per_token(cfg, kv_bytes) / limits["read_bandwidth"]
