@@ -58,3 +58,29 @@ def test_incremental_detokenization_never_splits_characters(llm):
     deltas.append(detok.update(seq, final=True))
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tok.decode(ids)
+
+
+def test_async_engine_builds_its_engine_on_its_own_thread(tiny_models):
+    """All torch work of a served engine runs on one thread (one OpenMP pool); start-up errors reach the caller."""
+    import threading
+
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return LLM(tiny_models["qwen3"], dtype="float32").engine
+
+    engine = AsyncLLMEngine(build)
+    try:
+        assert built_on == ["pagedllm-engine"] and isinstance(engine.engine, LLMEngine) and engine.is_alive
+    finally:
+        engine.shutdown()
+
+    def fail():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncLLMEngine(fail)

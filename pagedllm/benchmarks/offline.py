@@ -184,7 +184,7 @@ def _ttft_behind_long_prompt(args, long_prompt: list[int], short_prompt: list[in
     from pagedllm.engine.async_engine import AsyncLLMEngine
     from pagedllm.engine.llm_engine import LLMEngine
 
-    engine = AsyncLLMEngine(LLMEngine(args))
+    engine = AsyncLLMEngine(lambda: LLMEngine(args))
 
     async def scenario() -> dict:
         await engine.call(lambda e: e.score(short_prompt))  # warm-up

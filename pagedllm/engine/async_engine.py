@@ -2,6 +2,11 @@
 
 Everything that touches the engine (adding, aborting, tokenizing) runs on its thread between
 steps, sent there as a command; outputs come back to each request's asyncio queue.
+
+Given a factory, the engine is also built on that thread, so all its torch work runs on one
+thread: OpenMP keeps one worker pool per calling thread, and with two pools on a machine's few
+cores it stops spinning between parallel regions and sleeps instead (measured here: 18 ms per
+single-request step against 10 ms).
 """
 
 from __future__ import annotations
@@ -53,16 +58,33 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
+                 on_finished: Callable[[RequestOutput], None] | None = None):
+        """`engine`, or a function that builds it on the engine thread (start-up errors are raised here)."""
         self.on_finished = on_finished
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        build = engine if callable(engine) else lambda: engine
+        started, startup_error = threading.Event(), []
+
+        def run() -> None:
+            try:
+                self.engine = build()
+            except BaseException as exc:
+                startup_error.append(exc)
+                return
+            finally:
+                started.set()
+            self._run()
+
+        self._thread = threading.Thread(target=run, name="pagedllm-engine", daemon=True)
         self._thread.start()
+        started.wait()
+        if startup_error:
+            raise startup_error[0]
 
     @property
     def is_alive(self) -> bool:

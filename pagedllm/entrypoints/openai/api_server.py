@@ -8,6 +8,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -35,9 +36,13 @@ def _served_names(engine: LLMEngine, served_model_name: str | None) -> list[str]
     return [engine.args.model or EMBEDDED_MODEL_NAME]
 
 
-def build_app(engine: LLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def build_app(engine: LLMEngine | Callable[[], LLMEngine], served_model_name: str | None = None,
+              api_key: str | None = None) -> FastAPI:
+    """`engine`, or a function that builds it (on the engine thread, where all its torch work then runs)."""
+    async_engine = AsyncLLMEngine(engine)
+    engine = async_engine.engine
     metrics = Metrics(engine)
-    async_engine = AsyncLLMEngine(engine, on_finished=metrics.observe_finished)
+    async_engine.on_finished = metrics.observe_finished  # before the server takes any request
     serving = OpenAIServing(async_engine, _served_names(engine, served_model_name))
 
     @asynccontextmanager
@@ -163,8 +168,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         raise ValueError("give the model once: either MODEL or --model")
     ns.model = ns.model_tag or ns.model
-    engine = create_engine(engine_args_from(ns))
-    app = build_app(engine, ns.served_model_name, ns.api_key)
+    args = engine_args_from(ns)
+    app = build_app(lambda: create_engine(args), ns.served_model_name, ns.api_key)
     logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.model_config.name, ns.host, ns.port)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
     GracefulServer(config).run()
