@@ -130,3 +130,15 @@ def test_reshape_and_cache_writes_each_token_at_its_slot():
     for cache, src in ((k_cache, key), (v_cache, value)):
         want = torch.zeros_like(cache).view(kv_heads, -1, head_dim).index_copy_(1, slots, src.transpose(0, 1))
         assert torch.equal(cache.view(kv_heads, -1, head_dim), want)
+
+
+def test_kernels_refuse_out_of_range_indices():
+    """A bad slot or position is an error, never a write or read outside the pool or the table."""
+    from pagedllm.kernels import reshape_and_cache, rotary_embedding
+
+    key, cache = torch.randn(2, 1, 16), torch.zeros(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="slot 8 outside the pool"):
+        reshape_and_cache(key, key, cache, cache.clone(), torch.tensor([0, 8]))
+    table = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="position 10 outside the table"):
+        rotary_embedding(torch.tensor([10]), torch.randn(1, 2, 16), table, table)

@@ -120,7 +120,9 @@ void rotary_impl(const at::Tensor& positions, at::Tensor& x, const at::Tensor& c
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float *pc = cos.data_ptr<float>(), *ps = sin.data_ptr<float>();
   T* px = x.data_ptr<T>();
+  const int64_t max_position = cos.size(0);
   for_rows(tokens, heads * half * 2, [&](int64_t t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "rotary_embedding: position ", pos[t], " outside the table");
     const float* c = pc + pos[t] * half;
     const float* s = ps + pos[t] * half;
     for (int64_t h = 0; h < heads; ++h) {

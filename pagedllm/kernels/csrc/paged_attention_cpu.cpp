@@ -243,18 +243,20 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
               "reshape_and_cache: pool [kv_heads, blocks, block_size, head_dim] in the keys' dtype");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == key.size(0), "reshape_and_cache: slots");
   const int64_t tokens = key.size(0), kv_heads = key.size(1), row = key.size(2) * key.element_size();
-  const int64_t head_stride = k_cache.size(1) * k_cache.size(2) * row;  // bytes of one KV head's pool
+  const int64_t num_slots = k_cache.size(1) * k_cache.size(2), head_stride = num_slots * row;  // bytes per KV head
   const auto slots = slot_mapping.contiguous();
   const int64_t* slot = slots.data_ptr<int64_t>();
   const char *pk = static_cast<const char*>(key.data_ptr()), *pv = static_cast<const char*>(value.data_ptr());
   char *ck = static_cast<char*>(k_cache.data_ptr()), *cv = static_cast<char*>(v_cache.data_ptr());
   const int64_t ks = key.stride(0) * key.element_size(), vs = value.stride(0) * value.element_size();
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
+    for (int64_t t = begin; t < end; ++t) {
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "reshape_and_cache: slot ", slot[t], " outside the pool");
       for (int64_t h = 0; h < kv_heads; ++h) {
         std::memcpy(ck + h * head_stride + slot[t] * row, pk + t * ks + h * row, row);
         std::memcpy(cv + h * head_stride + slot[t] * row, pv + t * vs + h * row, row);
       }
+    }
   });
 }
 
