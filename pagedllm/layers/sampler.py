@@ -117,7 +117,8 @@ class Sampler:
         self.seed = seed
 
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
+        if m.num_logprobs >= 0 or m.presence is not None or not m.all_greedy:
+            logits = logits.float()  # plain greedy needs only the argmax, the same in the model's dtype
         raw_logprobs = logits.log_softmax(-1) if m.num_logprobs >= 0 else None
         if m.presence is not None:
             logits = apply_penalties(logits, m)
