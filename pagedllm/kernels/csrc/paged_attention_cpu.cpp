@@ -41,11 +41,143 @@ struct Task {
   int64_t seq, head, first, count;  // query tokens [first, first + count) of `seq`, against KV head `head`
 };
 
+// One task's view of the pool and its query rows. Row r is query token r / group (of the tile), query
+// head r % group (of those sharing this KV head); the tile's first query sits at position pos0, so row r
+// sees keys [0, visible(r)).
+template <typename T, int64_t D>
+struct TaskView {
+  const T* k_head;  // this KV head's slice of the key pool
+  const T* v_head;
+  const int64_t* table;
+  int64_t block_size, group, pos0, rows, keys;
+
+  int64_t visible(int64_t r) const { return pos0 + r / group + 1; }
+  int64_t first_row_seeing(int64_t j) const { return std::max<int64_t>(0, j - pos0) * group; }
+  const T* row(const T* head, int64_t j) const {
+    return head + (table[j / block_size] * block_size + j % block_size) * D;
+  }
+  // Calls body(j, row) for keys [0, n) block by block: a block's rows are contiguous, but blocks lie anywhere
+  // in the pool, so the next block is prefetched while one is read.
+  template <typename F>
+  void for_each_row(const T* head, int64_t n, F&& body) const {
+    for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+      const T* block = head + table[j0 / block_size] * block_size * D;
+      if (j0 + block_size < n) {
+        const char* next = reinterpret_cast<const char*>(head + table[j0 / block_size + 1] * block_size * D);
+        for (int64_t b = 0; b < block_size * D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      }
+      for (int64_t i = 0; i < std::min(block_size, n - j0); ++i) body(j0 + i, block + i * D);
+    }
+  }
+};
+
+// Few rows (decodes): scores[r][j] = q_r . k_j as a dot product per row and key.
+template <typename T, int64_t D>
+void scores_by_dot_products(const TaskView<T, D>& t, const float* qf, float* scores) {
+  constexpr int64_t C = D / kLanes;
+  t.for_each_row(t.k_head, t.keys, [&](int64_t j, const T* k) {
+    Vec kv[C];
+    for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
+    for (int64_t r = t.first_row_seeing(j); r < t.rows; ++r) {
+      const float* qr = qf + r * D;
+      Vec s = Vec::loadu(qr) * kv[0];
+      for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
+      scores[r * t.keys + j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
+    }
+  });
+}
+
+// Many rows (prompt tiles): kLanes keys at a time, transposed once into kt[d][j], so each row's scores for
+// them are D broadcast FMAs (a small matrix product, kRowBlock rows in flight) with no horizontal sums.
+// qf has kRowBlock zero rows past its end.
+template <typename T, int64_t D>
+void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* scores) {
+  float kt[D * kLanes];
+  const int64_t rows = t.rows, keys = t.keys;
+  for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+    const int64_t nk = std::min(kLanes, keys - j0);
+    for (int64_t jj = 0; jj < kLanes; ++jj) {
+      const T* k = t.row(t.k_head, j0 + std::min(jj, nk - 1));  // past the end: repeat the last key (unused)
+      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + jj] = static_cast<float>(k[d]);
+    }
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
+      Vec acc[kRowBlock];
+      for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = Vec(0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec kd = Vec::loadu(kt + d * kLanes);
+        for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = at::vec::fmadd(Vec(qf[(r0 + i) * D + d]), kd, acc[i]);
+      }
+      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i) acc[i].store(scores + (r0 + i) * keys + j0, nk);
+    }
+  }
+}
+
+// Each row's scores over its visible keys become probabilities; zero past them.
+template <typename T, int64_t D>
+void softmax_rows(const TaskView<T, D>& t, float* scores) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    float* sr = scores + r * t.keys;
+    const int64_t n = t.visible(r);
+    const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
+    at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sr, sr, n);
+    const float inv = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, sr, sr, n);
+    std::fill(sr + n, sr + t.keys, 0.f);
+  }
+}
+
+// Few rows: out_r = sum_j p[r][j] v_j one row at a time, its sum in registers (after the first row the
+// value rows come from cache).
+template <typename T, int64_t D, typename Dest>
+void values_row_by_row(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
+  constexpr int64_t C = D / kLanes;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const float* pr = probs + r * t.keys;
+    Vec acc[C];
+    for (int64_t c = 0; c < C; ++c) acc[c] = Vec(0.f);
+    t.for_each_row(t.v_head, t.visible(r), [&](int64_t j, const T* v) {
+      const Vec p(pr[j]);
+      for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, load_float(v + c * kLanes), acc[c]);
+    });
+    float row[D];
+    for (int64_t c = 0; c < C; ++c) acc[c].store(row + c * kLanes);
+    dest(r, row);
+  }
+}
+
+// Many rows: kLanes value rows at a time, converted to fp32 once for all rows, added into fp32 sums.
+template <typename T, int64_t D, typename Dest>
+void values_by_chunks(const TaskView<T, D>& t, const float* probs, std::vector<float>& sums, Dest&& dest) {
+  constexpr int64_t C = D / kLanes;
+  float vt[kLanes * D];
+  sums.assign(t.rows * D, 0.f);
+  float* sum = sums.data();
+  const int64_t rows = t.rows, keys = t.keys;
+  for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+    const int64_t nk = std::min(kLanes, keys - j0);
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const T* v = t.row(t.v_head, j0 + jj);
+      for (int64_t c = 0; c < C; ++c) load_float(v + c * kLanes).store(vt + jj * D + c * kLanes);
+    }
+    for (int64_t r = t.first_row_seeing(j0); r < rows; ++r) {  // probabilities past a row's end are zero
+      float* sr = sum + r * D;
+      const float* pr = probs + r * keys + j0;
+      Vec acc[C];
+      for (int64_t c = 0; c < C; ++c) acc[c] = Vec::loadu(sr + c * kLanes);
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        const Vec p(pr[jj]);
+        for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vt + jj * D + c * kLanes), acc[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) acc[c].store(sr + c * kLanes);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) dest(r, sum + r * D);
+}
+
 template <typename T, int64_t D>
 void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* query_start,
                const int64_t* context_lens, T* out, int64_t num_seqs, int64_t heads, int64_t kv_heads,
                int64_t num_blocks, int64_t block_size, int64_t width, float scale) {
-  constexpr int64_t C = D / kLanes;  // SIMD chunks per head row
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * D;  // one KV head's slice of the pool
 
@@ -69,117 +201,34 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
     bounds[t] = std::upper_bound(work.begin(), work.end(), work.back() * t / threads) - work.begin();
 
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> qf, scores, sums;  // per task: scaled queries, probabilities, weighted value sums
-    float kt[D * kLanes];  // kLanes keys, transposed: kt[d * kLanes + j]
-    float vt[kLanes * D];  // kLanes value rows in fp32
+    std::vector<float> qf, scores, sums;  // per task: scaled queries, probabilities, value sums
     for (int64_t n = bounds[thread_begin]; n < bounds[thread_end]; ++n) {
       const Task task = tasks[n];
-      const int64_t* table = tables + task.seq * width;
+      const int64_t len = query_start[task.seq + 1] - query_start[task.seq];
+      const int64_t pos0 = context_lens[task.seq] - len + task.first;
+      const TaskView<T, D> t{k_cache + task.head * head_stride, v_cache + task.head * head_stride,
+                             tables + task.seq * width, block_size, group, pos0, task.count * group,
+                             pos0 + task.count};
       const int64_t token0 = query_start[task.seq] + task.first;  // the tile's first token in the step
-      // Position of the tile's first query; query i of the tile sees keys [0, pos0 + i].
-      const int64_t pos0 = context_lens[task.seq] - (query_start[task.seq + 1] - query_start[task.seq]) + task.first;
-      const int64_t rows = task.count * group, keys = pos0 + task.count;
-      auto visible = [&](int64_t r) { return pos0 + r / group + 1; };  // row r: query r / group, head r % group
       auto head_row = [&](int64_t r) { return (token0 + r / group) * heads + task.head * group + r % group; };
-      // A block's rows are contiguous, but blocks lie anywhere in the pool: while one block is read, the
-      // next is prefetched, so the memory system always has a stream to serve.
-      auto for_each_key = [&](const T* pool, int64_t n_keys, auto&& body) {
-        const T* head_pool = pool + task.head * head_stride;
-        for (int64_t j0 = 0; j0 < n_keys; j0 += block_size) {
-          const T* block = head_pool + table[j0 / block_size] * block_size * D;
-          if (j0 + block_size < n_keys) {
-            const char* next = reinterpret_cast<const char*>(head_pool + table[j0 / block_size + 1] * block_size * D);
-            for (int64_t b = 0; b < block_size * D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
-          }
-          for (int64_t i = 0; i < std::min(block_size, n_keys - j0); ++i) body(j0 + i, block + i * D);
-        }
+      auto dest = [&](int64_t r, const float* row) {
+        T* dst = out + head_row(r) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
       };
 
-      qf.resize((rows + kRowBlock) * D);
-      std::fill(qf.begin() + rows * D, qf.end(), 0.f);  // zero rows past the end let row blocks run whole
-      scores.resize(rows * keys);
-      for (int64_t r = 0; r < rows; ++r)
+      qf.resize((t.rows + kRowBlock) * D);
+      std::fill(qf.begin() + t.rows * D, qf.end(), 0.f);
+      for (int64_t r = 0; r < t.rows; ++r)
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
-
-      if (rows < kTransposeRows) {  // few rows (decodes): a dot product per row and key
-        for_each_key(k_cache, keys, [&](int64_t j, const T* k) {
-          Vec kv[C];
-          for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
-          for (int64_t r = std::max<int64_t>(0, j - pos0) * group; r < rows; ++r) {  // the rows that see key j
-            const float* qr = qf.data() + r * D;
-            Vec s = Vec::loadu(qr) * kv[0];
-            for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
-            scores[r * keys + j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s);
-          }
-        });
-      } else {  // many rows (prompt tiles): kLanes keys at a time, transposed once, then broadcast FMAs
-        for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
-          const int64_t nk = std::min(kLanes, keys - j0);
-          for (int64_t jj = 0; jj < kLanes; ++jj) {
-            const int64_t j = j0 + std::min(jj, nk - 1);  // past the end: repeat the last key (never used)
-            const T* k = k_cache + task.head * head_stride + (table[j / block_size] * block_size + j % block_size) * D;
-            for (int64_t d = 0; d < D; ++d) kt[d * kLanes + jj] = static_cast<float>(k[d]);
-          }
-          for (int64_t r0 = std::max<int64_t>(0, j0 - pos0) * group; r0 < rows; r0 += kRowBlock) {
-            Vec acc[kRowBlock];
-            for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = Vec(0.f);
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec kd = Vec::loadu(kt + d * kLanes);
-              for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = at::vec::fmadd(Vec(qf[(r0 + i) * D + d]), kd, acc[i]);
-            }
-            for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i) acc[i].store(scores.data() + (r0 + i) * keys + j0, nk);
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {  // softmax over each row's visible keys; zero past them
-        float* sr = scores.data() + r * keys;
-        const int64_t n_vis = visible(r);
-        const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n_vis);
-        at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sr, sr, n_vis);
-        const float inv = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n_vis);
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, sr, sr, n_vis);
-        std::fill(sr + n_vis, sr + keys, 0.f);
-      }
-
-      if (rows < kTransposeRows) {  // out = probs . v, one row at a time, its sum in registers
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* pr = scores.data() + r * keys;
-          Vec acc[C];
-          for (int64_t c = 0; c < C; ++c) acc[c] = Vec(0.f);
-          for_each_key(v_cache, visible(r), [&](int64_t j, const T* v) {
-            const Vec p(pr[j]);
-            for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, load_float(v + c * kLanes), acc[c]);
-          });
-          float row[D];
-          for (int64_t c = 0; c < C; ++c) acc[c].store(row + c * kLanes);
-          T* dst = out + head_row(r) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
-        }
-      } else {  // kLanes value rows at a time, converted to fp32 once for all rows (zero probs past each row's end)
-        sums.assign(rows * D, 0.f);
-        for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
-          const int64_t nk = std::min(kLanes, keys - j0);
-          for (int64_t jj = 0; jj < nk; ++jj) {
-            const int64_t j = j0 + jj;
-            const T* v = v_cache + task.head * head_stride + (table[j / block_size] * block_size + j % block_size) * D;
-            for (int64_t c = 0; c < C; ++c) load_float(v + c * kLanes).store(vt + jj * D + c * kLanes);
-          }
-          for (int64_t r = std::max<int64_t>(0, j0 - pos0) * group; r < rows; ++r) {
-            float* sr = sums.data() + r * D;
-            const float* pr = scores.data() + r * keys + j0;
-            Vec acc[C];
-            for (int64_t c = 0; c < C; ++c) acc[c] = Vec::loadu(sr + c * kLanes);
-            for (int64_t jj = 0; jj < nk; ++jj) {
-              const Vec p(pr[jj]);
-              for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vt + jj * D + c * kLanes), acc[c]);
-            }
-            for (int64_t c = 0; c < C; ++c) acc[c].store(sr + c * kLanes);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dst = out + head_row(r) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(sums[r * D + d]);
-        }
+      scores.resize(t.rows * t.keys);
+      if (t.rows < kTransposeRows) {
+        scores_by_dot_products(t, qf.data(), scores.data());
+        softmax_rows(t, scores.data());
+        values_row_by_row(t, scores.data(), dest);
+      } else {
+        scores_by_transposed_keys(t, qf.data(), scores.data());
+        softmax_rows(t, scores.data());
+        values_by_chunks(t, scores.data(), sums, dest);
       }
     }
   });
