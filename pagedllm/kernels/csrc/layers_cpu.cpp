@@ -1,6 +1,6 @@
 // Fused elementwise layers on the CPU, each one pass over memory instead of a chain of torch ops with
 // their temporaries (at decode batch sizes, those op launches cost more than the math). Math in fp32,
-// rounded once to the model dtype, vectorised with ATen's portable SIMD types.
+// rounded to the model's dtype where HF's modules round, vectorised with ATen's portable SIMD types.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -43,6 +43,18 @@ inline void store(T* p, const Pair& v, int64_t n) {
   }
 }
 
+// Rounds to T and back, where HF's modules hold an intermediate in the model's dtype: in bf16 a greedy
+// choice can hinge on that last bit (measured on the embedded model's first answer token).
+template <typename T>
+inline Pair round_to(const Pair& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v.lo, v.hi));
+    return {lo, hi};
+  }
+}
+
 // Rows of `n` values each; small batches stay on one thread (a parallel region costs microseconds).
 template <typename F>
 void for_rows(int64_t rows, int64_t n, F&& f) {
@@ -51,7 +63,7 @@ void for_rows(int64_t rows, int64_t n, F&& f) {
   });
 }
 
-// out = weight * x * rsqrt(mean(x^2) + eps), in fp32, rounded once.
+// out = weight * round(x * rsqrt(mean(x^2) + eps)), the mean in fp32 (HF's RMSNorm).
 template <typename T>
 void rms_norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
   Vec acc(0.f);
@@ -63,7 +75,8 @@ void rms_norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const Pair v = load(x + i, m), w = load(weight + i, m);
-    store(out + i, {v.lo * rstd * w.lo, v.hi * rstd * w.hi}, m);
+    const Pair normed = round_to<T>({v.lo * rstd, v.hi * rstd});
+    store(out + i, {normed.lo * w.lo, normed.hi * w.hi}, m);
   }
 }
 
@@ -93,7 +106,7 @@ void fused_add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tens
   });
 }
 
-// out = silu(gate) * up, for x = [gate | up] along the last dimension.
+// out = round(silu(gate)) * up, for x = [gate | up] along the last dimension (HF's SwiGLU).
 template <typename T>
 void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
   const int64_t n = out.size(-1), rows = out.numel() / n;
@@ -107,7 +120,8 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
     for (int64_t i = 0; i < n; i += kStep) {
       const int64_t m = std::min(kStep, n - i);
       const Pair g = load(gate + i, m), u = load(up + i, m);
-      store(o + i, {silu(g.lo) * u.lo, silu(g.hi) * u.hi}, m);
+      const Pair act = round_to<T>({silu(g.lo), silu(g.hi)});
+      store(o + i, {act.lo * u.lo, act.hi * u.hi}, m);
     }
   });
 }
