@@ -63,7 +63,7 @@ def load_cpu_ops() -> bool:
     except Exception as e:  # no compiler, no ninja, a failed build: the torch path still works
         if attention_backend() == "native":
             raise
-        logger.warning("native CPU kernels unavailable (%s); using torch attention", str(e).splitlines()[0])
+        logger.warning("native CPU kernels unavailable (%s); using the torch implementations", str(e).splitlines()[0])
         return False
     return True
 
