@@ -22,44 +22,55 @@ def _ms(d: dict | None, key: str) -> str:
     return "-" if not d or d.get(key) is None else f"{1000 * d[key]:.1f}"
 
 
+def _table(title: str, columns: list[str], rows: list[str]) -> list[str]:
+    """A markdown section: its table's separator follows from the columns; no rows, no section."""
+    if not rows:
+        return []
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows, ""]
+
+
+def _runs(results: dict[str, dict], kind: str) -> dict[str, dict]:
+    return {k: v for k, v in results.items() if v.get("benchmark") == kind}
+
+
+def _throughput_row(name: str, r: dict) -> str:
+    hf, kv, nan = r.get("hf", {}), r.get("roofline_with_kv_reads", {}), float("nan")
+    return (f"| {name} | {r['num_prompts']} | {r['prompt_tokens']} / {r['output_tokens']} | {r['output_tok_s']:.1f} | "
+            f"{r['total_tok_s']:.1f} | {r['roofline']['max_output_tok_s']:.0f} | {100 * r['roofline']['fraction']:.0f} % | "
+            f"{kv.get('max_output_tok_s', nan):.0f} | {100 * kv.get('fraction', nan):.0f} % | "
+            f"{hf.get('static_batch_16_output_tok_s', nan):.1f} | {hf.get('generate_batch_output_tok_s', nan):.1f} | "
+            f"`{r.get('command')}` |")
+
+
+def _latency_row(name: str, r: dict) -> str:
+    return (f"| {name} | {1000 * r['ttft_s']:.1f} | {1000 * r['tpot_s']:.2f} | {r['decode_tok_s']:.1f} | "
+            f"{r['bandwidth_limit_tok_s']:.1f} | {100 * r['bandwidth_fraction']:.0f} % | "
+            f"{r.get('hf', {}).get('decode_tok_s', float('nan')):.1f} | `{r.get('command')}` |")
+
+
+def _serve_row(name: str, r: dict) -> str:
+    t, p, i = r["ttft_s"], r["tpot_s"], r["itl_s"]
+    return (f"| {name} | {r['max_concurrency']} | {r['request_throughput']:.2f} | {r['output_tok_s']:.1f} | "
+            f"{_ms(t, 'mean')} / {_ms(t, 'p50')} / {_ms(t, 'p99')} | {_ms(p, 'mean')} / {_ms(p, 'p50')} / "
+            f"{_ms(p, 'p99')} | {_ms(i, 'p50')} / {_ms(i, 'p99')} |")
+
+
 def _tables(results: dict[str, dict]) -> list[str]:
-    lines = []
-    thr = {k: v for k, v in results.items() if v.get("benchmark") == "throughput"}
-    if thr:
-        lines += ["## Offline throughput", "",
-                  "| run | requests | prompt / output tokens | output tok/s | total tok/s | roofline tok/s | of roofline "
-                  "| roofline with KV reads | of it | HF static (16) tok/s | HF generate_batch tok/s | command |",
-                  "|" + "---|" * 12]
-        for name, r in thr.items():
-            hf, kv = r.get("hf", {}), r.get("roofline_with_kv_reads", {})
-            static, cb = hf.get("static_batch_16_output_tok_s", float("nan")), hf.get("generate_batch_output_tok_s", float("nan"))
-            lines.append(
-                f"| {name} | {r['num_prompts']} | {r['prompt_tokens']} / {r['output_tokens']} | {r['output_tok_s']:.1f} | "
-                f"{r['total_tok_s']:.1f} | {r['roofline']['max_output_tok_s']:.0f} | {100 * r['roofline']['fraction']:.0f} % | "
-                f"{kv.get('max_output_tok_s', float('nan')):.0f} | {100 * kv.get('fraction', float('nan')):.0f} % | "
-                f"{static:.1f} | {cb:.1f} | `{r.get('command')}` |")
-        lines.append("")
-    lat = {k: v for k, v in results.items() if v.get("benchmark") == "latency"}
-    if lat:
-        lines += ["## Single request", "", "| run | TTFT ms | TPOT ms | decode tok/s | bandwidth limit tok/s | of limit "
-                  "| HF decode tok/s | command |", "|" + "---|" * 8]
-        for name, r in lat.items():
-            hf = r.get("hf", {})
-            lines.append(f"| {name} | {1000 * r['ttft_s']:.1f} | {1000 * r['tpot_s']:.2f} | {r['decode_tok_s']:.1f} | "
-                         f"{r['bandwidth_limit_tok_s']:.1f} | {100 * r['bandwidth_fraction']:.0f} % | "
-                         f"{hf.get('decode_tok_s', float('nan')):.1f} | `{r.get('command')}` |")
-        lines.append("")
-    srv = {k: v for k, v in results.items() if v.get("benchmark") == "serve"}
-    if srv:
-        lines += ["## Serving (OpenAI API, streaming)", "", "| run | concurrency | req/s | output tok/s | TTFT ms mean/p50/p99 "
-                  "| TPOT ms mean/p50/p99 | ITL ms p50/p99 |", "|" + "---|" * 7]
-        for name, r in sorted(srv.items(), key=lambda kv: kv[1].get("max_concurrency") or 0):
-            t, p, i = r["ttft_s"], r["tpot_s"], r["itl_s"]
-            lines.append(f"| {name} | {r['max_concurrency']} | {r['request_throughput']:.2f} | {r['output_tok_s']:.1f} | "
-                         f"{_ms(t, 'mean')} / {_ms(t, 'p50')} / {_ms(t, 'p99')} | {_ms(p, 'mean')} / {_ms(p, 'p50')} / "
-                         f"{_ms(p, 'p99')} | {_ms(i, 'p50')} / {_ms(i, 'p99')} |")
-        lines.append("")
-    return lines
+    serve = sorted(_runs(results, "serve").items(), key=lambda kv: kv[1].get("max_concurrency") or 0)
+    return (
+        _table("Offline throughput",
+               ["run", "requests", "prompt / output tokens", "output tok/s", "total tok/s", "roofline tok/s",
+                "of roofline", "roofline with KV reads", "of it", "HF static (16) tok/s", "HF generate_batch tok/s",
+                "command"],
+               [_throughput_row(n, r) for n, r in _runs(results, "throughput").items()])
+        + _table("Single request",
+                 ["run", "TTFT ms", "TPOT ms", "decode tok/s", "bandwidth limit tok/s", "of limit", "HF decode tok/s",
+                  "command"],
+                 [_latency_row(n, r) for n, r in _runs(results, "latency").items()])
+        + _table("Serving (OpenAI API, streaming)",
+                 ["run", "concurrency", "req/s", "output tok/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
+                  "ITL ms p50/p99"],
+                 [_serve_row(n, r) for n, r in serve]))
 
 
 def _plots(results: dict[str, dict]) -> list[str]:
