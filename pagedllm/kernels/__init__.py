@@ -49,7 +49,7 @@ def load_cpu_ops() -> bool:
     build_dir = Path.home() / ".cache" / "pagedllm" / "kernels" / f"torch{torch.__version__}-{isa}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / "pagedllm_cpu_ops.so").exists():
-        logger.info("building the native CPU attention kernel (once, about 10 s)")
+        logger.info("building the native CPU kernels (once, about 10 s)")
     try:
         import ninja  # the PyPI wheel; torch looks for the `ninja` binary on PATH
 
@@ -69,7 +69,8 @@ def load_cpu_ops() -> bool:
 
 
 def native_ops_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused layers (RMSNorm, rotary, SwiGLU) run natively for a model on this device and dtype."""
+    """Whether the fused layers (RMSNorm, rotary, SwiGLU) and small-batch linear layers run natively for a model on
+    this device and dtype."""
     backend = attention_backend()
     if backend == "torch" or device.type != "cpu" or dtype not in DTYPES:
         if backend == "native":
