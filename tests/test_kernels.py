@@ -97,23 +97,24 @@ def test_fused_layers_match_torch_path(dtype, tol, tokens):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_small_batch_linear_matches_matmul(dtype, tol, rows):
-    """Float and int8 (per-row scale) weights; 72 inputs leave a tail after the SIMD chunks."""
-    from pagedllm.kernels import small_batch_linear
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 40])
+def test_linear_matches_matmul(dtype, tol, rows):
+    """Float and int8 (per-row scale) weights, through the GEMV (up to 4 rows), torch's int8 kernel (up to 16)
+    and the dequantized matmul; 72 inputs leave a tail after the SIMD chunks."""
+    from pagedllm.kernels import linear
     from pagedllm.layers.quantization import quantize_rows
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 72, generator=g).to(dtype)
     w, bias = torch.randn(50, 72, generator=g).to(dtype), torch.randn(50, generator=g).to(dtype)
     close = dict(atol=tol * 10, rtol=tol)
-    torch.testing.assert_close(small_batch_linear(x, w, bias).float(), (x.double() @ w.double().T + bias.double()).float(),
+    torch.testing.assert_close(linear(x, w, bias).float(), (x.double() @ w.double().T + bias.double()).float(),
                                **close)
     q, scale = quantize_rows(w)
     want = x.double() @ (q.double() * scale.double()[:, None]).T
-    torch.testing.assert_close(small_batch_linear(x, q, None, scale).float(), want.float(), **close)
+    torch.testing.assert_close(linear(x, q, None, scale).float(), want.float(), **close)
     with pytest.raises(RuntimeError, match="need a scale"):
-        small_batch_linear(x, q, None)
+        linear(x, q, None)
 
 
 def test_reshape_and_cache_writes_each_token_at_its_slot():
@@ -142,3 +143,27 @@ def test_kernels_refuse_out_of_range_indices():
     table = torch.randn(10, 8)
     with pytest.raises(RuntimeError, match="position 10 outside the table"):
         rotary_embedding(torch.tensor([10]), torch.randn(1, 2, 16), table, table)
+
+
+@pytest.mark.parametrize("arch,dtype,quantization", [("qwen3", "float32", None), ("qwen2", "bfloat16", None),
+                                                     ("llama", "bfloat16", "int8")])
+def test_fused_decoder_layer_matches_the_module_path(tiny_models, arch, dtype, quantization, monkeypatch):
+    """The one-kernel layer runs the same native kernels as the layer's modules do one by one: the same tokens and
+    bit-identical log-probabilities, for q/k norms (Qwen3), QKV biases (Qwen2), int8 weights and tied embeddings."""
+    from pagedllm import LLM, SamplingParams, kernels
+    from pagedllm.models.decoder import DecoderLayer
+    from tests.helpers import random_prompts
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 3, 40)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+
+    def generate():
+        llm = LLM(tiny_models[arch], dtype=dtype, quantization=quantization, max_num_batched_tokens=32)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    calls = []
+    monkeypatch.setattr(kernels, "decoder_layer", lambda *args: calls.append(1) or torch.ops.pagedllm.decoder_layer(*args))
+    fused = generate()
+    assert calls
+    monkeypatch.setattr(DecoderLayer, "forward_native", DecoderLayer.forward_torch)
+    assert generate() == fused

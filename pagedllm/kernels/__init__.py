@@ -1,4 +1,5 @@
-"""Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; small-batch linear):
+"""Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; linear layers with a
+memory-speed GEMV for decode batches; a whole decoder layer in one call):
 C++ built once with the machine's compiler on first use (a few seconds), cached under
 ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
@@ -19,10 +20,10 @@ import torch
 
 logger = logging.getLogger("pagedllm")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp", "decoder_layer_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
-SMALL_BATCH_ROWS = 4  # up to this many tokens, linear layers use small_batch_linear
 
 # Build flags for ATen's SIMD types (at::vec), matching the capability torch itself picked on this CPU.
 _ISA_FLAGS = {
@@ -69,8 +70,8 @@ def load_cpu_ops() -> bool:
 
 
 def native_ops_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused layers (RMSNorm, rotary, SwiGLU) and small-batch linear layers run natively for a model on
-    this device and dtype."""
+    """Whether the fused layers (RMSNorm, rotary, SwiGLU, whole decoder layers) and linear layers run natively for a
+    model on this device and dtype."""
     backend = attention_backend()
     if backend == "torch" or device.type != "cpu" or dtype not in DTYPES:
         if backend == "native":
@@ -118,8 +119,14 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor
     torch.ops.pagedllm.rotary_embedding(positions, x, cos, sin)
 
 
-def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M <= SMALL_BATCH_ROWS, K] @ weight [N, K]^T (+ bias), streaming the weights at memory speed; int8
-    weights are multiplied by their per-row `scale`."""
-    return torch.ops.pagedllm.small_batch_linear(x, weight, bias, scale)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias); int8 weights are multiplied by their per-row `scale`. Up to 4 rows
+    stream the weights at memory speed; more go to torch's matmul."""
+    return torch.ops.pagedllm.linear(x, weight, bias, scale)
+
+
+def decoder_layer(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *weights_and_metadata):
+    """One decoder layer (see csrc/decoder_layer_cpu.cpp for the arguments): residual += x, then the layer on the
+    normed residual; returns its output. x and residual are updated in place."""
+    return torch.ops.pagedllm.decoder_layer(x, residual, positions, *weights_and_metadata)

@@ -20,7 +20,7 @@ class CustomOp(nn.Module):
 
 
 def enable_native_ops(model: nn.Module) -> None:
-    """Every CustomOp, and every other layer with a `native` switch (linear layers: their small batches)."""
+    """Every CustomOp, and every other layer with a `native` switch (linear layers, the LM head)."""
     for module in model.modules():
         if hasattr(type(module), "native"):
             module.native = True

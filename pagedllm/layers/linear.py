@@ -27,7 +27,7 @@ def _full(loaded) -> torch.Tensor:
 
 class LinearBase(nn.Module):
     tp_dim: int | None = None  # which weight dim is sharded (0: output, 1: input), None: replicated
-    native = False  # small batches use the native CPU kernel (set by layers.custom_op.enable_native_ops)
+    native = False  # use the native CPU linear op (set by layers.custom_op.enable_native_ops)
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()

@@ -1,9 +1,9 @@
 """int8 weight-only quantization: one symmetric scale per output channel (the brief's int8 row).
 
 Weights are stored as int8 plus a scale per row in the activation dtype. Small batches (decode)
-multiply straight from int8, reading half the bytes of bf16 (up to 4 tokens with the native kernel,
-where it is enabled; else with torch's int8-weight kernel); large batches dequantize the weight once
-per call and use the fast bf16 matmul.
+multiply straight from int8, reading half the bytes of bf16 (the native kernel's GEMV up to 4 tokens,
+torch's int8-weight kernel up to 16); large batches dequantize the weight once per call and use the
+fast bf16 matmul. The native linear op (kernels/csrc/linear_cpu.cpp) makes the same choices in C++.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None)
     """x @ W^T for a float or int8-quantized module weight."""
     w = module.weight
     scale = module.weight_scale if w.dtype == torch.int8 else None
-    if module.native and x.dim() == 2 and x.shape[0] <= kernels.SMALL_BATCH_ROWS:
-        return kernels.small_batch_linear(x, w, bias, scale)
+    if module.native:
+        return kernels.linear(x, w, bias, scale)
     if scale is None:
         return F.linear(x, w, bias)
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+    # torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= INT8_KERNEL_MAX_ROWS and x.shape[1] % 16 == 0:
         y = torch._weight_int8pack_mm(x.contiguous(), w, scale)
     else:
         y = F.linear(x, dequantize(module, x.dtype))

@@ -7,19 +7,23 @@ HF checkpoints so weights load by name.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pagedllm import kernels
 from pagedllm.config import ModelConfig
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
+from pagedllm.layers.custom_op import CustomOp
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.quantization import quantize_module_
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.model_executor.context import get_attention_metadata
 
 
 class Attention(nn.Module):
@@ -59,15 +63,43 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CustomOp):
+    """The native forward runs the whole layer as one kernel (kernels/csrc/decoder_layer_cpu.cpp) on the same
+    parameters, where attention runs natively and the layer is not tensor-parallel (its all-reduces stay in
+    Python)."""
+
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = Attention(cfg, rotary)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tp_size = self.self_attn.qkv_proj.tp.size
 
-    def forward(
+    def forward_native(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = get_attention_metadata()
+        if meta.native is None or self.tp_size > 1:
+            return self.forward_torch(positions, x, residual)
+        if residual is None:
+            x, residual = None, x
+        batch, attn = meta.native, self.self_attn.attn
+        out = kernels.decoder_layer(x, residual, positions, attn.k_cache, attn.v_cache, meta.slot_mapping,
+                                    batch.block_tables, batch.query_start, batch.context_lens, *self._native_params)
+        return out, residual
+
+    @functools.cached_property
+    def _native_params(self) -> tuple:
+        """The kernel's weight arguments, gathered once (per call, the module lookups cost as much as the norms)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, _scale(attn.qkv_proj),
+                attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None,
+                attn.o_proj.weight, _scale(attn.o_proj), self.post_attention_layernorm.weight,
+                mlp.gate_up_proj.weight, _scale(mlp.gate_up_proj), mlp.down_proj.weight, _scale(mlp.down_proj),
+                attn.rotary.cos, attn.rotary.sin, attn.num_heads, self.input_layernorm.eps, attn.attn.scale)
+
+    def forward_torch(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -77,6 +109,11 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+
+def _scale(linear: nn.Module) -> torch.Tensor | None:
+    """An int8 layer's per-row weight scales (None for float weights)."""
+    return getattr(linear, "weight_scale", None)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -166,6 +168,10 @@ void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* name)
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1), name, ": weight does not match");
 }
 
+}  // namespace
+
+namespace pagedllm {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight, "rms_norm");
   auto out = at::empty_like(x);
@@ -201,7 +207,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& x, const at::Tens
   dispatch(x.scalar_type(), "rotary_embedding", [&](auto t) { rotary_impl<decltype(t)>(positions, x, cos, sin); });
 }
 
-}  // namespace
+}  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -211,8 +217,8 @@ TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("rms_norm", &pagedllm::rms_norm);
+  m.impl("fused_add_rms_norm", &pagedllm::fused_add_rms_norm);
+  m.impl("silu_and_mul", &pagedllm::silu_and_mul);
+  m.impl("rotary_embedding", &pagedllm::rotary_embedding);
 }

@@ -1,15 +1,18 @@
-// y = x W^T for the few rows of a small decode batch. A matmul library tuned for large batches streams
-// the weights well below the memory's bandwidth at one row (measured here: about 24 GB/s of weights,
-// against 50 GB/s and more of read bandwidth); this kernel reads each weight row once, straight into
-// fp32 dot products with every input row, splitting the output features over the threads. Weights are
-// the activations' dtype, or int8 with one scale per output row (weight-only quantization). On CPUs with
-// AVX512-BF16, bf16 rows are multiplied with its pairwise dot-product instruction (32 weights per
-// instruction, no conversion to fp32): about 20 % more weight bandwidth at one row, 30-50 % at four.
+// y = x W^T on the CPU (the native path's one linear layer). For the few rows of a decode batch, a matmul
+// library tuned for large batches streams the weights well below the memory's bandwidth (measured here:
+// about 24 GB/s of weights at one row, against 50 GB/s and more of read bandwidth); the GEMV below reads
+// each weight row once, straight into fp32 dot products with every input row, splitting the output
+// features over the threads. Weights are the activations' dtype, or int8 with one scale per output row
+// (weight-only quantization). On CPUs with AVX512-BF16, bf16 rows use its pairwise dot-product
+// instruction (32 weights per instruction, no conversion to fp32): up to 20 % faster at one row when
+// memory bandwidth is not the limit. Larger batches go to torch's matmul.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -23,7 +26,8 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kMaxRows = 4;  // the input rows one pass over the weights serves
+constexpr int64_t kMaxRows = 4;         // up to this many input rows, one pass over the weights serves them all
+constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing int8 weights for a bf16 matmul is faster
 
 template <typename T>
 inline Vec load_float(const T* p) {
@@ -113,18 +117,9 @@ void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n
   });
 }
 
-// x: [M, K] with M <= 4; weight: [N, K], x's dtype or int8 with scale [N]; bias: [N] or none. Returns [M, N].
+// The GEMV for up to kMaxRows rows of x (arguments checked by linear).
 at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "small_batch_linear: x [M, K] and weight [N, K] on the CPU");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "small_batch_linear: 1 to ", kMaxRows, " rows");
-  const bool int8 = weight.scalar_type() == at::kChar;
-  TORCH_CHECK(weight.is_contiguous() && (int8 || weight.scalar_type() == x.scalar_type()), "small_batch_linear: weight dtype");
-  TORCH_CHECK(int8 == scale.has_value(), "small_batch_linear: int8 weights need a scale, others none");
-  for (const auto* t : {&bias, &scale})
-    TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
-                "small_batch_linear: bias and scale are [N] in x's dtype");
   const auto xc = x.contiguous();
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   auto run = [&](auto act, auto wgt) {
@@ -144,7 +139,7 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
     }
   };
   auto with_weight = [&](auto act) {
-    if (int8) {
+    if (weight.scalar_type() == at::kChar) {
       run(act, int8_t{});
     } else {
       run(act, act);
@@ -154,15 +149,41 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
     case at::kFloat: with_weight(float{}); break;
     case at::kBFloat16: with_weight(at::BFloat16{}); break;
     case at::kHalf: with_weight(at::Half{}); break;
-    default: TORCH_CHECK(false, "small_batch_linear: unsupported dtype ", x.scalar_type());
+    default: TORCH_CHECK(false, "linear: unsupported dtype ", x.scalar_type());
   }
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale) -> Tensor");
+namespace pagedllm {
+
+// x: [M, K]; weight: [N, K], x's dtype or int8 with scale [N]; bias: [N] or none. Returns [M, N]. Up to
+// kMaxRows rows stream the weights through the GEMV above; more rows are a matrix product (oneDNN), for int8
+// weights torch's int8-weight kernel up to kInt8KernelRows rows, else on the weight dequantized once.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "linear: x [M, K] and weight [N, K] on the CPU");
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(weight.is_contiguous() && (int8 || weight.scalar_type() == x.scalar_type()), "linear: weight dtype");
+  TORCH_CHECK(int8 == scale.has_value(), "linear: int8 weights need a scale, others none");
+  for (const auto* t : {&bias, &scale})
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
+                "linear: bias and scale are [N] in x's dtype");
+  if (x.size(0) <= kMaxRows) return small_batch_linear(x, weight, bias, scale);
+  if (!int8) return at::linear(x, weight, bias);
+  // torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
+  const bool int8_kernel = x.size(0) <= kInt8KernelRows && x.size(1) % 16 == 0;
+  auto y = int8_kernel ? at::_weight_int8pack_mm(x.contiguous(), weight, *scale)
+                                        : at::linear(x, weight.to(x.scalar_type()) * scale->unsqueeze(1));
+  return bias ? y + *bias : y;
 }
 
-TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
+}  // namespace pagedllm
+
+TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("linear", &pagedllm::linear); }

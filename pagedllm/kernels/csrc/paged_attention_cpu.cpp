@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -252,6 +254,10 @@ void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   }
 }
 
+}  // namespace
+
+namespace pagedllm {
+
 // q: [T, heads, D], the step's query tokens sequence after sequence; k_cache/v_cache: [kv_heads, num_blocks,
 // block_size, D] with this step's keys and values already written; block_tables: [B, W]; query_start: [B + 1]
 // offsets of each sequence's tokens in q; context_lens: [B] tokens each sequence has after this step.
@@ -309,7 +315,7 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   });
 }
 
-}  // namespace
+}  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start, "
@@ -318,6 +324,6 @@ TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) {
-  m.impl("paged_attention", &paged_attention);
-  m.impl("reshape_and_cache", &reshape_and_cache);
+  m.impl("paged_attention", &pagedllm::paged_attention);
+  m.impl("reshape_and_cache", &pagedllm::reshape_and_cache);
 }
