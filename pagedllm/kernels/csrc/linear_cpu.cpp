@@ -74,11 +74,6 @@ __attribute__((target("avx512f,avx512bf16"))) void gemv_rows_bf16_dot(const at::
     }
   }
 }
-
-bool cpu_has_bf16_dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 #endif
 
 // T: the activations' dtype; W: the weights' (T, or int8 with `scale`).
@@ -86,7 +81,7 @@ template <typename T, typename W, int64_t M>
 void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n_out, int64_t k) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, at::BFloat16>) {
-    if (cpu_has_bf16_dot()) {
+    if (pagedllm::cpu_has_bf16_dot()) {
       at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
         gemv_rows_bf16_dot<M>(x, w, bias, y, n_out, k, begin, end);
       });

@@ -8,6 +8,13 @@
 
 namespace pagedllm {
 
+// Whether this CPU has AVX512-BF16's pairwise dot products (the kernels built for AVX-512 use them for bf16
+// where it does).
+inline bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& scale);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
