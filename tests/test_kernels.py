@@ -147,11 +147,11 @@ def test_kernels_refuse_out_of_range_indices():
 
 @pytest.mark.parametrize("arch,dtype,quantization", [("qwen3", "float32", None), ("qwen2", "bfloat16", None),
                                                      ("llama", "bfloat16", "int8")])
-def test_fused_decoder_layer_matches_the_module_path(tiny_models, arch, dtype, quantization, monkeypatch):
-    """The one-kernel layer runs the same native kernels as the layer's modules do one by one: the same tokens and
+def test_fused_decoder_layers_match_the_module_path(tiny_models, arch, dtype, quantization, monkeypatch):
+    """The one-call layer stack runs the same native kernels as the layers' modules do one by one: the same tokens and
     bit-identical log-probabilities, for q/k norms (Qwen3), QKV biases (Qwen2), int8 weights and tied embeddings."""
     from pagedllm import LLM, SamplingParams, kernels
-    from pagedllm.models.decoder import DecoderLayer
+    from pagedllm.models.decoder import DecoderModel
     from tests.helpers import random_prompts
 
     prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 3, 40)]
@@ -162,8 +162,8 @@ def test_fused_decoder_layer_matches_the_module_path(tiny_models, arch, dtype, q
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
 
     calls = []
-    monkeypatch.setattr(kernels, "decoder_layer", lambda *args: calls.append(1) or torch.ops.pagedllm.decoder_layer(*args))
+    monkeypatch.setattr(kernels, "decoder_layers", lambda *args: calls.append(1) or torch.ops.pagedllm.decoder_layers(*args))
     fused = generate()
     assert calls
-    monkeypatch.setattr(DecoderLayer, "forward_native", DecoderLayer.forward_torch)
+    monkeypatch.setattr(DecoderModel, "forward_native", DecoderModel.forward_torch)
     assert generate() == fused

@@ -1,5 +1,5 @@
 """Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; linear layers with a
-memory-speed GEMV for decode batches; a whole decoder layer in one call):
+memory-speed GEMV for decode batches; a stack of decoder layers in one call):
 C++ built once with the machine's compiler on first use (a few seconds), cached under
 ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
@@ -70,7 +70,7 @@ def load_cpu_ops() -> bool:
 
 
 def native_ops_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused layers (RMSNorm, rotary, SwiGLU, whole decoder layers) and linear layers run natively for a
+    """Whether the fused layers (RMSNorm, rotary, SwiGLU, stacks of decoder layers) and linear layers run natively for a
     model on this device and dtype."""
     backend = attention_backend()
     if backend == "torch" or device.type != "cpu" or dtype not in DTYPES:
@@ -126,7 +126,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.pagedllm.linear(x, weight, bias, scale)
 
 
-def decoder_layer(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *weights_and_metadata):
-    """One decoder layer (see csrc/decoder_layer_cpu.cpp for the arguments): residual += x, then the layer on the
-    normed residual; returns its output. x and residual are updated in place."""
-    return torch.ops.pagedllm.decoder_layer(x, residual, positions, *weights_and_metadata)
+def decoder_layers(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *metadata_and_weights):
+    """A stack of decoder layers (see csrc/decoder_layer_cpu.cpp for the arguments): residual += x, then each layer
+    on the normed residual; returns the last one's output. x and residual are updated in place."""
+    return torch.ops.pagedllm.decoder_layers(x, residual, positions, *metadata_and_weights)

@@ -15,6 +15,7 @@ from torch import nn
 
 from pagedllm import kernels
 from pagedllm.config import ModelConfig
+from pagedllm.distributed.parallel_state import get_tp_group
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import CustomOp
@@ -63,43 +64,15 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class DecoderLayer(CustomOp):
-    """The native forward runs the whole layer as one kernel (kernels/csrc/decoder_layer_cpu.cpp) on the same
-    parameters, where attention runs natively and the layer is not tensor-parallel (its all-reduces stay in
-    Python)."""
-
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = Attention(cfg, rotary)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.tp_size = self.self_attn.qkv_proj.tp.size
 
-    def forward_native(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        meta = get_attention_metadata()
-        if meta.native is None or self.tp_size > 1:
-            return self.forward_torch(positions, x, residual)
-        if residual is None:
-            x, residual = None, x
-        batch, attn = meta.native, self.self_attn.attn
-        out = kernels.decoder_layer(x, residual, positions, attn.k_cache, attn.v_cache, meta.slot_mapping,
-                                    batch.block_tables, batch.query_start, batch.context_lens, *self._native_params)
-        return out, residual
-
-    @functools.cached_property
-    def _native_params(self) -> tuple:
-        """The kernel's weight arguments, gathered once (per call, the module lookups cost as much as the norms)."""
-        attn, mlp = self.self_attn, self.mlp
-        return (self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, _scale(attn.qkv_proj),
-                attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None,
-                attn.o_proj.weight, _scale(attn.o_proj), self.post_attention_layernorm.weight,
-                mlp.gate_up_proj.weight, _scale(mlp.gate_up_proj), mlp.down_proj.weight, _scale(mlp.down_proj),
-                attn.rotary.cos, attn.rotary.sin, attn.num_heads, self.input_layernorm.eps, attn.attn.scale)
-
-    def forward_torch(
+    def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -109,6 +82,15 @@ class DecoderLayer(CustomOp):
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def native_params(self) -> list[torch.Tensor | None]:
+        """This layer's weights in the order the native kernel takes them (kernels/csrc/decoder_layer_cpu.cpp)."""
+        attn, mlp = self.self_attn, self.mlp
+        return [self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, _scale(attn.qkv_proj),
+                attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None,
+                attn.o_proj.weight, _scale(attn.o_proj), self.post_attention_layernorm.weight,
+                mlp.gate_up_proj.weight, _scale(mlp.gate_up_proj), mlp.down_proj.weight, _scale(mlp.down_proj),
+                attn.rotary.cos, attn.rotary.sin]
 
 
 def _scale(linear: nn.Module) -> torch.Tensor | None:
@@ -131,7 +113,12 @@ class MissingLayer(nn.Module):
     """Stands in for another stage's layer so parameter names keep their global layer index."""
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(CustomOp):
+    """The native forward runs the stage's layers in one kernel call (kernels/csrc/decoder_layer_cpu.cpp) on the
+    same parameters: at one token per step, a layer's dozen operators called from Python cost about a third of its
+    time. It applies where attention runs natively and layers are not tensor-parallel (their all-reduces stay in
+    Python)."""
+
     def __init__(self, cfg: ModelConfig, stage: Stage):
         super().__init__()
         self.stage = stage
@@ -140,14 +127,47 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) if stage.start <= i < stage.end else MissingLayer()
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
+        self.stage_layers: tuple[DecoderLayer, ...] = tuple(self.layers[stage.start:stage.end])
+        self.fusable = get_tp_group().size == 1
+        self._kv_caches: list[torch.Tensor] = []
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The first stage starts from token ids, later ones from the previous stage's (hidden, residual).
         The last stage returns normed hidden states, the others (hidden, residual) for the next stage."""
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
-        for layer in self.layers[self.stage.start:self.stage.end]:
+        for layer in self.stage_layers:
             x, residual = layer(positions, x, residual)
+        return self._last(x, residual)
+
+    def forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        meta = get_attention_metadata()
+        if meta.native is None or not self.fusable:
+            return self.forward_torch(input_ids, positions, hidden, residual)
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
+        if residual is None:  # the kernel starts each layer with residual += x
+            x, residual = None, x
+        first, batch = self.stage_layers[0], meta.native
+        x = kernels.decoder_layers(x, residual, positions, meta.slot_mapping, batch.block_tables, batch.query_start,
+                                   batch.context_lens, self.kv_caches(), self._native_params,
+                                   first.self_attn.num_heads, first.input_layernorm.eps, first.self_attn.attn.scale)
+        return self._last(x, residual)
+
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Each stage layer's key and value pool, collected again only when the model runner has bound new ones."""
+        first = self.stage_layers[0].self_attn.attn
+        if not self._kv_caches or self._kv_caches[0] is not first.k_cache:
+            self._kv_caches = [c for layer in self.stage_layers
+                               for c in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
+        return self._kv_caches
+
+    @functools.cached_property
+    def _native_params(self) -> list[torch.Tensor | None]:
+        """Every stage layer's weights, gathered once (per call, the module lookups would cost as much as the norms)."""
+        return [p for layer in self.stage_layers for p in layer.native_params()]
+
+    def _last(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.norm is None:
             return x, residual
         x, _ = self.norm(x, residual)

@@ -1,15 +1,20 @@
-// One whole decoder layer (Llama / Qwen2 / Qwen3) as one operator, composed of the other native kernels.
-// At decode batch sizes the layer's dozen small operators cost more in Python and dispatcher overhead
-// than in memory traffic: measured here, about 90 us of a 250 us layer (the weights streaming through
-// evict the interpreter's own data from the caches). Called once per layer, the same kernels run back to
-// back in C++. It computes exactly what models/decoder.py's DecoderLayer computes with those kernels one
-// by one (tested against it); tensor-parallel layers, which all-reduce inside, keep the module path.
+// A stack of decoder layers (Llama / Qwen2 / Qwen3) as one operator, composed of the other native kernels.
+// At decode batch sizes a layer's dozen small operators cost more in Python and dispatcher overhead than
+// in memory traffic: measured here, about 90 us of a 250 us layer (the weights streaming through evict
+// the interpreter's own data from the caches), and still about 20 us per layer with one call per layer.
+// In one call the same kernels run back to back in C++. It computes exactly what models/decoder.py's
+// layers compute with those kernels one by one (tested against them); tensor-parallel layers, which
+// all-reduce inside, keep the module path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "ops.h"
 
 namespace pagedllm {
+
+namespace {
+
+constexpr size_t kLayerParams = 15;  // per layer, in models/decoder.py's DecoderLayer.native_params order
 
 // residual += x (the previous layer's output; none before the first layer), then this layer on the normed
 // residual. Updates x and residual in place and returns the layer's output.
@@ -49,15 +54,38 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
   return linear(silu_and_mul(linear(out, gate_up, std::nullopt, gate_up_scale)), down, std::nullopt, down_scale);
 }
 
+}  // namespace
+
+// The layers in order: kv_caches holds each layer's key and value pool, weights its kLayerParams tensors.
+// residual += x, then the first layer, and so on; returns the last layer's output (residual updated in place).
+at::Tensor decoder_layers(const std::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& positions,
+                          const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& query_start,
+                          const at::Tensor& context_lens, at::TensorList kv_caches,
+                          const c10::List<std::optional<at::Tensor>>& weights, int64_t num_heads, double eps,
+                          double scale) {
+  const size_t layers = kv_caches.size() / 2;
+  TORCH_CHECK(kv_caches.size() == 2 * layers && weights.size() == kLayerParams * layers,
+              "decoder_layers: two KV pools and ", kLayerParams, " weights per layer");
+  std::optional<at::Tensor> h = x;
+  for (size_t i = 0; i < layers; ++i) {
+    auto w = [&](size_t j) -> std::optional<at::Tensor> { return weights.get(i * kLayerParams + j); };
+    at::Tensor k_cache = kv_caches[2 * i], v_cache = kv_caches[2 * i + 1];
+    h = decoder_layer(h, residual, positions, k_cache, v_cache, slot_mapping, block_tables, query_start, context_lens,
+                      *w(0), *w(1), w(2), w(3), w(4), w(5), *w(6), w(7), *w(8), *w(9), w(10), *w(11), w(12), *w(13),
+                      *w(14), num_heads, eps, scale);
+  }
+  TORCH_CHECK(h.has_value(), "decoder_layers: no layers and no input");
+  return *h;
+}
+
+
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def(
-      "decoder_layer(Tensor(a!)? x, Tensor(b!) residual, Tensor positions, Tensor(c!) k_cache, Tensor(d!) v_cache, "
-      "Tensor slot_mapping, Tensor block_tables, Tensor query_start, Tensor context_lens, Tensor input_norm, "
-      "Tensor qkv, Tensor? qkv_bias, Tensor? qkv_scale, Tensor? q_norm, Tensor? k_norm, Tensor o, Tensor? o_scale, "
-      "Tensor post_norm, Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale, Tensor cos, "
-      "Tensor sin, int num_heads, float eps, float scale) -> Tensor");
+      "decoder_layers(Tensor(a!)? x, Tensor(b!) residual, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor query_start, Tensor context_lens, Tensor(c!)[] kv_caches, Tensor?[] weights, int num_heads, float eps, "
+      "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("decoder_layer", &pagedllm::decoder_layer); }
+TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("decoder_layers", &pagedllm::decoder_layers); }
