@@ -31,9 +31,10 @@ SEQS = [(1, 1), (1, 17), (1, 333), (40, 40), (16, 16), (17, 50), (5, 100), (33, 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (128, 16, 8), (64, 4, 4)])
-def test_attention_kernel_matches_reference(dtype, tol, head_dim, heads, kv_heads):
+@pytest.mark.parametrize("block_size", [16, 8])  # 8: a group of 16 keys spans two blocks
+def test_attention_kernel_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
     g = torch.Generator().manual_seed(0)
-    block_size, num_blocks = 16, 200
+    num_blocks = 400
     queries = torch.tensor([m for m, _ in SEQS])
     context_lens = torch.tensor([n for _, n in SEQS])
     query_start = torch.cat([torch.zeros(1, dtype=torch.long), queries.cumsum(0)])
