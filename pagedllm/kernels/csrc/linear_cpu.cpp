@@ -59,15 +59,24 @@ __attribute__((target("avx512f,avx512bf16"))) void gemv_rows_bf16_dot(const at::
                                                                         int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     const at::BFloat16* wr = w + n * k;
-    __m512 acc[M];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    // two accumulators per input row: with one chain of dependent dot products per row a core streamed
+    // 36 GB/s of weights, with two 38.5 (a plain read: 41 GB/s)
+    __m512 acc[M], acc2[M];
+    for (int64_t m = 0; m < M; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
     int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + i), wv2 = (__m512bh)_mm512_loadu_si512(wr + i + 32);
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * k + i), wv);
+        acc2[m] = _mm512_dpbf16_ps(acc2[m], (__m512bh)_mm512_loadu_si512(x + m * k + i + 32), wv2);
+      }
+    }
     for (; i + 32 <= k; i += 32) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + i);
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * k + i), wv);
     }
     for (int64_t m = 0; m < M; ++m) {
-      float s = _mm512_reduce_add_ps(acc[m]);
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
       for (int64_t j = i; j < k; ++j) s += static_cast<float>(x[m * k + j]) * static_cast<float>(wr[j]);
       if (bias != nullptr) s += static_cast<float>(bias[n]);
       y[m * n_out + n] = static_cast<at::BFloat16>(s);
