@@ -48,7 +48,6 @@ inline Vec load_float(const T* p) {
   }
 }
 
-
 #if defined(CPU_CAPABILITY_AVX512)
 // Output rows [begin, end) of a bf16 GEMV with vdpbf16ps; a separate function so that only it is compiled
 // for AVX512-BF16, and called only where the CPU has it.
@@ -180,7 +179,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   // torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
   const bool int8_kernel = x.size(0) <= kInt8KernelRows && x.size(1) % 16 == 0;
   auto y = int8_kernel ? at::_weight_int8pack_mm(x.contiguous(), weight, *scale)
-                                        : at::linear(x, weight.to(x.scalar_type()) * scale->unsqueeze(1));
+                       : at::linear(x, weight.to(x.scalar_type()) * scale->unsqueeze(1));
   return bias ? y + *bias : y;
 }
 

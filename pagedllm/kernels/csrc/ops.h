@@ -1,5 +1,5 @@
-// The native CPU operators, callable from C++ too: the fused decoder layer composes them without a
-// round trip through Python and the dispatcher for each.
+// The native CPU operators, callable from C++ too: the decoder-layer stack (decoder_layer_cpu.cpp) composes
+// them without a round trip through Python and the dispatcher for each.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -7,10 +7,10 @@
 // its tokens times the query heads sharing that KV head (grouped-query attention), so each key row is
 // loaded from memory once per tile. With many rows, kLanes keys at a time are transposed so that each
 // row's scores for them are plain FMAs (a small matrix product) instead of dot products. Scores are kept
-// for the whole visible context (two-pass softmax); each row's weighted sum of values accumulates in
-// registers (the values, read from memory by the first row, come from cache for the others). Math in
-// fp32, vectorised with ATen's portable SIMD types (AVX-512 / AVX2 / NEON / scalar, as the build flags
-// select).
+// for the whole visible context (two-pass softmax); with few rows, each value row is converted once and
+// added into every row's sum in registers. Math in fp32, vectorised with ATen's portable SIMD types
+// (AVX-512 / AVX2 / NEON / scalar, as the build flags select); with few rows in bf16, scores use
+// AVX512-BF16's dot products where the CPU has them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -124,9 +124,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_bf16_dot_p
   for (int64_t j0 = 0; j0 < t.keys; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, t.keys - j0);
     const at::BFloat16* k[16];
+    const at::BFloat16* first = t.row(t.k_head, j0);
     for (int64_t i = 0; i < 16; ++i) {
       const int64_t j = j0 + std::min(i, nk - 1);  // past the end: repeat the last key (its score is not stored)
-      k[i] = in_one_block ? t.row(t.k_head, j0) + (j - j0) * D : t.row(t.k_head, j);
+      k[i] = in_one_block ? first + (j - j0) * D : t.row(t.k_head, j);
     }
     if (j0 % t.block_size == 0) {
       if (j0 + t.block_size < t.keys) t.prefetch_block(t.k_head, j0 + t.block_size);
