@@ -112,6 +112,33 @@ inline __m512 sum_lanes(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
 }
 
+// r[i] lane j <- r[j] lane i for 16 vectors of 16 32-bit lanes: unpacks within 128-bit lanes, then a 4 x 4
+// transpose of the lanes.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {  // r[4g + m], lane L: element 4L + m of rows 4g .. 4g + 3
+    const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 2]);
+    const __m512d c = _mm512_castps_pd(t[j + 1]), d = _mm512_castps_pd(t[j + 3]);
+    r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {  // element 4L + m of all rows: lane g of the output from lane L of r[4g + m]
+    const __m512 p0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), p1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 p2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44), p3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(p0, p2, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(p1, p3, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
+  }
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
 // Few rows in bf16, on CPUs with AVX512-BF16: 16 keys at a time, each q . k by pairwise bf16 dot products
 // straight into fp32 (the products are exact; no conversion of the keys), then 16 horizontal sums at once.
 // q[r] is row r's query in bf16, unscaled.
@@ -145,6 +172,47 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_bf16_dot_p
       }
       _mm512_mask_storeu_ps(scores + r * t.keys + j0, static_cast<__mmask16>((1u << nk) - 1),
                             _mm512_mul_ps(sum_lanes(s), _mm512_set1_ps(scale)));
+    }
+  }
+}
+// Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but 16 keys are transposed as
+// pairs of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for
+// them are D / 2 pairwise bf16 dot products with its broadcast query pair, half the instructions of fp32
+// FMAs and no conversion of the keys. q[r] is row r's query in bf16, unscaled; q has kRowBlock zero rows
+// past its end.
+template <int64_t D>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_transposed_bf16_keys(
+    const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
+  constexpr int64_t P = D / 2;  // dimension pairs per key
+  alignas(64) uint32_t kt[P * 16];
+  const int64_t rows = t.rows, keys = t.keys;
+  for (int64_t j0 = 0; j0 < keys; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, keys - j0);
+    const uint32_t* k[16];
+    for (int64_t i = 0; i < 16; ++i)  // past the end: repeat the last key (its score is not stored)
+      k[i] = reinterpret_cast<const uint32_t*>(t.row(t.k_head, j0 + std::min(i, nk - 1)));
+    for (int64_t c = 0; c < P; c += 16) {  // 16 x 16 32-bit transposes
+      const __mmask16 cols = P - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - c)) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(cols, k[i] + c));
+      transpose16(r);
+      for (int64_t i = 0; i < std::min<int64_t>(16, P - c); ++i) _mm512_store_ps(kt + (c + i) * 16, r[i]);
+    }
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
+      __m512 acc[kRowBlock];
+      const uint32_t* qp[kRowBlock];
+      for (int64_t i = 0; i < kRowBlock; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        qp[i] = reinterpret_cast<const uint32_t*>(q[r0 + i]);
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const __m512bh kd = (__m512bh)_mm512_load_si512(kt + p * 16);
+        for (int64_t i = 0; i < kRowBlock; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], kd, (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[i][p])));
+      }
+      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i)
+        _mm512_mask_storeu_ps(scores + (r0 + i) * keys + j0, static_cast<__mmask16>((1u << nk) - 1),
+                              _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
     }
   }
 }
@@ -271,6 +339,23 @@ void scores_few_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, co
   scores_by_dot_products(t, qf, scores);
 }
 
+// Many rows' scores: bf16 dot products where the CPU has them, else fp32 FMAs on the scaled queries qf.
+template <typename T, int64_t D, typename HeadRow>
+void scores_many_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const float* qf, float scale,
+                      float* scores) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (pagedllm::cpu_has_bf16_dot()) {
+      alignas(64) static const T zeros[D] = {};
+      std::vector<const T*> rows(t.rows + kRowBlock, zeros);
+      for (int64_t r = 0; r < t.rows; ++r) rows[r] = q + head_row(r) * D;
+      return scores_by_transposed_bf16_keys(t, rows.data(), scale, scores);
+    }
+  }
+#endif
+  scores_by_transposed_keys(t, qf, scores);
+}
+
 template <typename T, int64_t D>
 void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* query_start,
                const int64_t* context_lens, T* out, int64_t num_seqs, int64_t heads, int64_t kv_heads,
@@ -323,7 +408,7 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         softmax_rows(t, scores.data());
         values_of_few_rows(t, scores.data(), dest);
       } else {
-        scores_by_transposed_keys(t, qf.data(), scores.data());
+        scores_many_rows(t, q, head_row, qf.data(), scale, scores.data());
         softmax_rows(t, scores.data());
         values_by_chunks(t, scores.data(), sums, dest);
       }
