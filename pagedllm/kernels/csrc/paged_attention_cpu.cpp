@@ -323,37 +323,24 @@ void values_by_chunks(const TaskView<T, D>& t, const float* probs, std::vector<f
   for (int64_t r = 0; r < rows; ++r) dest(r, sum + r * D);
 }
 
-// Few rows' scores: bf16 dot products where the CPU has them, else fp32 dot products of the scaled queries qf.
+// A task's scores: few rows by dot products, many by transposed keys; in bf16 with AVX512-BF16's dot products
+// where the CPU has them (on the bf16 queries q), else in fp32 (on the scaled queries qf).
 template <typename T, int64_t D, typename HeadRow>
-void scores_few_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const float* qf, float scale,
-                     float* scores) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (pagedllm::cpu_has_bf16_dot()) {
-      const T* rows[kTransposeRows];
-      for (int64_t r = 0; r < t.rows; ++r) rows[r] = q + head_row(r) * D;
-      return scores_by_bf16_dot_products(t, rows, scale, scores);
-    }
-  }
-#endif
-  scores_by_dot_products(t, qf, scores);
-}
-
-// Many rows' scores: bf16 dot products where the CPU has them, else fp32 FMAs on the scaled queries qf.
-template <typename T, int64_t D, typename HeadRow>
-void scores_many_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const float* qf, float scale,
-                      float* scores) {
+void score_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const float* qf, float scale,
+                float* scores) {
+  const bool few = t.rows < kTransposeRows;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (pagedllm::cpu_has_bf16_dot()) {
       alignas(64) static const T zeros[D] = {};
-      std::vector<const T*> rows(t.rows + kRowBlock, zeros);
+      std::vector<const T*> rows(t.rows + kRowBlock, zeros);  // kRowBlock zero rows past the end
       for (int64_t r = 0; r < t.rows; ++r) rows[r] = q + head_row(r) * D;
-      return scores_by_transposed_bf16_keys(t, rows.data(), scale, scores);
+      return few ? scores_by_bf16_dot_products(t, rows.data(), scale, scores)
+                 : scores_by_transposed_bf16_keys(t, rows.data(), scale, scores);
     }
   }
 #endif
-  scores_by_transposed_keys(t, qf, scores);
+  return few ? scores_by_dot_products(t, qf, scores) : scores_by_transposed_keys(t, qf, scores);
 }
 
 template <typename T, int64_t D>
@@ -403,13 +390,11 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
       for (int64_t r = 0; r < t.rows; ++r)
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
       scores.resize(t.rows * t.keys);
+      score_rows(t, q, head_row, qf.data(), scale, scores.data());
+      softmax_rows(t, scores.data());
       if (t.rows < kTransposeRows) {
-        scores_few_rows(t, q, head_row, qf.data(), scale, scores.data());
-        softmax_rows(t, scores.data());
         values_of_few_rows(t, scores.data(), dest);
       } else {
-        scores_many_rows(t, q, head_row, qf.data(), scale, scores.data());
-        softmax_rows(t, scores.data());
         values_by_chunks(t, scores.data(), sums, dest);
       }
     }
