@@ -135,7 +135,7 @@ class DecoderModel(CustomOp):
                       residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The first stage starts from token ids, later ones from the previous stage's (hidden, residual).
         The last stage returns normed hidden states, the others (hidden, residual) for the next stage."""
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
+        x = self._first(input_ids, hidden)
         for layer in self.stage_layers:
             x, residual = layer(positions, x, residual)
         return self._last(x, residual)
@@ -145,7 +145,7 @@ class DecoderModel(CustomOp):
         meta = get_attention_metadata()
         if meta.native is None or not self.fusable:
             return self.forward_torch(input_ids, positions, hidden, residual)
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
+        x = self._first(input_ids, hidden)
         if residual is None:  # the kernel starts each layer with residual += x
             x, residual = None, x
         first, batch = self.stage_layers[0], meta.native
@@ -166,6 +166,9 @@ class DecoderModel(CustomOp):
     def _native_params(self) -> list[torch.Tensor | None]:
         """Every stage layer's weights, gathered once (per call, the module lookups would cost as much as the norms)."""
         return [p for layer in self.stage_layers for p in layer.native_params()]
+
+    def _first(self, input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        return self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
 
     def _last(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.norm is None:

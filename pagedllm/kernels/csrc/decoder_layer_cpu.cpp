@@ -78,7 +78,6 @@ at::Tensor decoder_layers(const std::optional<at::Tensor>& x, at::Tensor& residu
   return *h;
 }
 
-
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
