@@ -33,13 +33,25 @@ SEQS = [(1, 1), (1, 17), (1, 333), (40, 40), (16, 16), (17, 50), (5, 100), (33, 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (128, 16, 8), (64, 4, 4)])
 @pytest.mark.parametrize("block_size", [16, 8])  # 8: a group of 16 keys spans two blocks
 def test_attention_kernel_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
+    check_attention(SEQS, dtype, tol, head_dim, heads, kv_heads, block_size)
+
+
+# a step of few decodes: their keys are split into pieces across the threads and merged (flash-decoding)
+@pytest.mark.parametrize("seqs", [[(1, 1000)], [(1, 700), (1, 129)]])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_attention_kernel_splits_few_long_decodes(seqs, dtype, tol, block_size):
+    check_attention(seqs, dtype, tol, 64, 9, 3, block_size)
+
+
+def check_attention(seqs, dtype, tol, head_dim, heads, kv_heads, block_size):
     g = torch.Generator().manual_seed(0)
-    num_blocks = 400
-    queries = torch.tensor([m for m, _ in SEQS])
-    context_lens = torch.tensor([n for _, n in SEQS])
+    queries = torch.tensor([m for m, _ in seqs])
+    context_lens = torch.tensor([n for _, n in seqs])
     query_start = torch.cat([torch.zeros(1, dtype=torch.long), queries.cumsum(0)])
     width = -(-int(context_lens.max()) // block_size)
-    tables = torch.randperm(num_blocks, generator=g)[:len(SEQS) * width].view(len(SEQS), width)
+    num_blocks = len(seqs) * width + 7
+    tables = torch.randperm(num_blocks, generator=g)[:len(seqs) * width].view(len(seqs), width)
     k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
     q = torch.randn(int(queries.sum()), heads, head_dim, generator=g).to(dtype)

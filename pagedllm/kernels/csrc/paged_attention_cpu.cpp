@@ -5,12 +5,16 @@
 //
 // Work is split into tasks of (sequence, KV head, tile of up to kTile query tokens). A task's rows are
 // its tokens times the query heads sharing that KV head (grouped-query attention), so each key row is
-// loaded from memory once per tile. With many rows, kLanes keys at a time are transposed so that each
-// row's scores for them are plain FMAs (a small matrix product) instead of dot products. Scores are kept
-// for the whole visible context (two-pass softmax); with few rows, each value row is converted once and
-// added into every row's sum in registers. Math in fp32, vectorised with ATen's portable SIMD types
-// (AVX-512 / AVX2 / NEON / scalar, as the build flags select); with few rows in bf16, scores use
-// AVX512-BF16's dot products where the CPU has them.
+// loaded from memory once per tile. When a step has too few tasks to keep every thread busy (one long
+// decode: 3 KV heads on 2 threads), each decode's keys are also split into pieces, whose softmax
+// statistics merge their results afterwards (flash-decoding, as vLLM's paged attention v2).
+//
+// With many rows, kLanes keys at a time are transposed so that each row's scores for them are plain FMAs
+// (a small matrix product) instead of dot products. Scores are kept for the whole visible context
+// (two-pass softmax); with few rows, each value row is converted once and added into every row's sum in
+// registers. Math in fp32, vectorised with ATen's portable SIMD types (AVX-512 / AVX2 / NEON / scalar, as
+// the build flags select); in bf16 on CPUs with AVX512-BF16, scores and few rows' value sums use its
+// pairwise dot products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -24,6 +28,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +39,8 @@ constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kTile = 32;          // query tokens per task
 constexpr int64_t kTransposeRows = 8;  // from this many rows per task, scores use transposed keys
 constexpr int64_t kRowBlock = 4;       // rows scored together (independent accumulators)
+constexpr int64_t kTasksPerThread = 4;  // fewer tasks than this per thread: split decodes into pieces of keys
+constexpr int64_t kMinPieceKeys = 128;  // ... of at least this many keys
 
 inline Vec load_float(const float* p) { return Vec::loadu(p); }
 template <typename T>
@@ -43,13 +50,16 @@ inline Vec load_float(const T* p) {
   return out;
 }
 
+// Query tokens [first, first + count) of `seq` against KV head `head`, over its keys [key0, key0 + keys);
+// a piece of a split decode writes its (normalised) result and softmax statistics to partial slot `part`.
 struct Task {
-  int64_t seq, head, first, count;  // query tokens [first, first + count) of `seq`, against KV head `head`
+  int64_t seq, head, first, count, key0, keys, part;
 };
 
 // One task's view of the pool and its query rows. Row r is query token r / group (of the tile), query
 // head r % group (of those sharing this KV head); the tile's first query sits at position pos0, so row r
-// sees keys [0, visible(r)).
+// sees keys [0, visible(r)). Key j is the task's j-th (a piece of a split decode starts at a block edge:
+// table and pos0 are relative to its first key).
 template <typename T, int64_t D>
 struct TaskView {
   const T* k_head;  // this KV head's slice of the key pool
@@ -57,7 +67,7 @@ struct TaskView {
   const int64_t* table;
   int64_t block_size, group, pos0, rows, keys;
 
-  int64_t visible(int64_t r) const { return pos0 + r / group + 1; }
+  int64_t visible(int64_t r) const { return std::min(keys, pos0 + r / group + 1); }
   int64_t first_row_seeing(int64_t j) const { return std::max<int64_t>(0, j - pos0) * group; }
   const T* row(const T* head, int64_t j) const {
     return head + (table[j / block_size] * block_size + j % block_size) * D;
@@ -243,15 +253,21 @@ void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* 
   }
 }
 
-// Each row's scores over its visible keys become probabilities; zero past them.
+// Each row's scores over its visible keys become probabilities; zero past them. With `stats`, row r's
+// maximum score and sum of exponentials go to stats[2r], stats[2r + 1] (to merge pieces of split keys).
 template <typename T, int64_t D>
-void softmax_rows(const TaskView<T, D>& t, float* scores) {
+void softmax_rows(const TaskView<T, D>& t, float* scores, float* stats) {
   for (int64_t r = 0; r < t.rows; ++r) {
     float* sr = scores + r * t.keys;
     const int64_t n = t.visible(r);
     const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
     at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sr, sr, n);
-    const float inv = 1.f / at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
+    const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
+    const float inv = 1.f / sum;
+    if (stats != nullptr) {
+      stats[2 * r] = m;
+      stats[2 * r + 1] = sum;
+    }
     at::vec::map([inv](Vec x) { return x * Vec(inv); }, sr, sr, n);
     std::fill(sr + n, sr + t.keys, 0.f);
   }
@@ -280,17 +296,86 @@ void values_of_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Few rows in bf16, on CPUs with AVX512-BF16: as values_of_rows, but two keys at a time by pairwise bf16 dot
+// products: value rows j and j + 1 interleaved (16-bit unpacks) against each row's probabilities for them
+// as one broadcast bf16 pair, 32 products per instruction and no conversion of the values (about half the
+// instructions). The probabilities are rounded to bf16 first, as in a bf16 attention matmul. The unpacks
+// work within 128-bit lanes: lane 4L + i of acc[r][2c] holds dimension 32c + 8L + i (i < 4), of
+// acc[r][2c + 1] dimension 32c + 8L + 4 + i.
+template <int64_t D, int64_t R, typename Dest>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void values_by_bf16_pairs(
+    const TaskView<at::BFloat16, D>& t, const float* probs, Dest&& dest) {
+  constexpr int64_t kChunks = (D + 31) / 32;  // 32 dimensions per vector; D = 16 is one masked chunk
+  constexpr __mmask32 kLast = D % 32 == 0 ? ~0u : (1u << (D % 32)) - 1;
+  static_assert(D % 16 == 0, "whole 16-dimension halves per chunk");
+  __m512 acc[R][2 * kChunks];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < 2 * kChunks; ++c) acc[r][c] = _mm512_setzero_ps();
+  alignas(64) uint32_t pairs[R][16];  // row r's probabilities of keys j0 + 2i, j0 + 2i + 1 as a bf16 pair
+  for (int64_t j0 = 0; j0 < t.keys; j0 += 32) {
+    const int64_t n = std::min<int64_t>(32, t.keys - j0);
+    const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 hi = n >= 32 ? 0xFFFF : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* p = probs + r * t.keys + j0;  // zero past the keys: the last pair may have no second key
+      _mm512_store_si512(pairs[r], (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16),
+                                                                _mm512_maskz_loadu_ps(lo, p)));
+    }
+    for (int64_t i = 0; i < n; i += 2) {
+      const int64_t j = j0 + i;  // even, so with even block sizes keys j and j + 1 share a block
+      if (j % t.block_size == 0 && j + t.block_size < t.keys) t.prefetch_block(t.v_head, j + t.block_size);
+      const at::BFloat16* v0 = t.row(t.v_head, j);
+      const at::BFloat16* v1 = i + 1 < n ? v0 + D : v0;  // no second key: its probability is zero
+      __m512i vv[2 * kChunks];
+      for (int64_t c = 0; c < kChunks; ++c) {
+        const __mmask32 m = c + 1 == kChunks ? kLast : ~0u;
+        const __m512i a = _mm512_maskz_loadu_epi16(m, v0 + c * 32), b = _mm512_maskz_loadu_epi16(m, v1 + c * 32);
+        vv[2 * c] = _mm512_unpacklo_epi16(a, b);
+        vv[2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r][i / 2]));
+        for (int64_t c = 0; c < 2 * kChunks; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], p);
+      }
+    }
+  }
+  // dimensions in order: 32c + [0, 16) from lanes 0-7 of both accumulators, 32c + [16, 32) from lanes 8-15
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t r = 0; r < R; ++r) {
+    alignas(64) float row[kChunks * 32];
+    for (int64_t c = 0; c < kChunks; ++c) {
+      _mm512_store_ps(row + c * 32, _mm512_permutex2var_ps(acc[r][2 * c], first, acc[r][2 * c + 1]));
+      _mm512_store_ps(row + c * 32 + 16, _mm512_permutex2var_ps(acc[r][2 * c], second, acc[r][2 * c + 1]));
+    }
+    dest(r, row);
+  }
+}
+#endif
+
+// values_of_rows for the task's row count (below kTransposeRows); in bf16 by pairs of keys where the CPU has
+// AVX512-BF16.
 template <typename T, int64_t D, typename Dest>
 void values_of_few_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
   static_assert(kTransposeRows == 8, "one case per row count below kTransposeRows");
+  auto run = [&](auto rows) {
+    constexpr int64_t R = decltype(rows)::value;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (pagedllm::cpu_has_bf16_dot() && t.block_size % 2 == 0) return values_by_bf16_pairs<D, R>(t, probs, dest);
+    }
+#endif
+    values_of_rows<T, D, R>(t, probs, dest);
+  };
   switch (t.rows) {
-    case 1: return values_of_rows<T, D, 1>(t, probs, dest);
-    case 2: return values_of_rows<T, D, 2>(t, probs, dest);
-    case 3: return values_of_rows<T, D, 3>(t, probs, dest);
-    case 4: return values_of_rows<T, D, 4>(t, probs, dest);
-    case 5: return values_of_rows<T, D, 5>(t, probs, dest);
-    case 6: return values_of_rows<T, D, 6>(t, probs, dest);
-    default: return values_of_rows<T, D, 7>(t, probs, dest);
+    case 1: return run(std::integral_constant<int64_t, 1>{});
+    case 2: return run(std::integral_constant<int64_t, 2>{});
+    case 3: return run(std::integral_constant<int64_t, 3>{});
+    case 4: return run(std::integral_constant<int64_t, 4>{});
+    case 5: return run(std::integral_constant<int64_t, 5>{});
+    case 6: return run(std::integral_constant<int64_t, 6>{});
+    default: return run(std::integral_constant<int64_t, 7>{});
   }
 }
 
@@ -343,6 +428,38 @@ void score_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const f
   return few ? scores_by_dot_products(t, qf, scores) : scores_by_transposed_keys(t, qf, scores);
 }
 
+// The step's tasks: each sequence's tiles of query tokens for each KV head; with fewer than kTasksPerThread
+// tasks per thread, each decode's keys in pieces of whole blocks (at least kMinPieceKeys keys), about as many
+// as make up the shortfall. `pieces` counts the split tasks' pieces.
+std::vector<Task> make_tasks(const int64_t* query_start, const int64_t* context_lens, int64_t num_seqs,
+                             int64_t kv_heads, int64_t block_size, int64_t& pieces) {
+  int64_t plain = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) plain += kv_heads * ((query_start[b + 1] - query_start[b] + kTile - 1) / kTile);
+  const int64_t wanted = kTasksPerThread * at::get_num_threads();
+  const int64_t split = plain > 0 && plain < wanted ? (wanted + plain - 1) / plain : 1;  // pieces per decode
+  std::vector<Task> tasks;
+  pieces = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t len = query_start[b + 1] - query_start[b], ctx = context_lens[b];
+    int64_t piece = ctx;
+    if (len == 1 && split > 1) {
+      const int64_t keys = std::max(kMinPieceKeys, (ctx + split - 1) / split);
+      piece = (keys + block_size - 1) / block_size * block_size;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      if (piece < ctx) {
+        for (int64_t k0 = 0; k0 < ctx; k0 += piece) tasks.push_back({b, h, 0, 1, k0, std::min(piece, ctx - k0), pieces++});
+        continue;
+      }
+      for (int64_t i = 0; i < len; i += kTile) {
+        const int64_t count = std::min(kTile, len - i);
+        tasks.push_back({b, h, i, count, 0, ctx - len + i + count, -1});
+      }
+    }
+  }
+  return tasks;
+}
+
 template <typename T, int64_t D>
 void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* query_start,
                const int64_t* context_lens, T* out, int64_t num_seqs, int64_t heads, int64_t kv_heads,
@@ -350,17 +467,10 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * D;  // one KV head's slice of the pool
 
-  std::vector<Task> tasks;
+  int64_t pieces = 0;
+  const std::vector<Task> tasks = make_tasks(query_start, context_lens, num_seqs, kv_heads, block_size, pieces);
   std::vector<double> work;  // running total of query tokens x keys, up to and including each task
-  for (int64_t b = 0; b < num_seqs; ++b) {
-    const int64_t len = query_start[b + 1] - query_start[b];
-    for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t i = 0; i < len; i += kTile) {
-        const int64_t count = std::min(kTile, len - i);
-        tasks.push_back({b, h, i, count});
-        work.push_back((work.empty() ? 0. : work.back()) + count * (context_lens[b] - len + i + count));
-      }
-  }
+  for (const Task& task : tasks) work.push_back((work.empty() ? 0. : work.back()) + task.count * task.keys);
   // Each thread takes a contiguous run of tasks (so it streams through its own part of the pool) holding
   // about an equal share of the work.
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
@@ -368,6 +478,7 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   bounds[0] = 0;
   for (int64_t t = 1; t < threads; ++t)
     bounds[t] = std::upper_bound(work.begin(), work.end(), work.back() * t / threads) - work.begin();
+  std::vector<float> partial(pieces * group * D), stats(pieces * group * 2);  // the pieces' rows and statistics
 
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<float> qf, scores, sums;  // per task: scaled queries, probabilities, value sums
@@ -376,11 +487,15 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
       const int64_t len = query_start[task.seq + 1] - query_start[task.seq];
       const int64_t pos0 = context_lens[task.seq] - len + task.first;
       const TaskView<T, D> t{k_cache + task.head * head_stride, v_cache + task.head * head_stride,
-                             tables + task.seq * width, block_size, group, pos0, task.count * group,
-                             pos0 + task.count};
+                             tables + task.seq * width + task.key0 / block_size, block_size, group,
+                             pos0 - task.key0, task.count * group, task.keys};
       const int64_t token0 = query_start[task.seq] + task.first;  // the tile's first token in the step
       auto head_row = [&](int64_t r) { return (token0 + r / group) * heads + task.head * group + r % group; };
       auto dest = [&](int64_t r, const float* row) {
+        if (task.part >= 0) {
+          std::copy(row, row + D, partial.data() + (task.part * group + r) * D);
+          return;
+        }
         T* dst = out + head_row(r) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
       };
@@ -391,11 +506,38 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
       scores.resize(t.rows * t.keys);
       score_rows(t, q, head_row, qf.data(), scale, scores.data());
-      softmax_rows(t, scores.data());
+      softmax_rows(t, scores.data(), task.part >= 0 ? stats.data() + task.part * group * 2 : nullptr);
       if (t.rows < kTransposeRows) {
         values_of_few_rows(t, scores.data(), dest);
       } else {
         values_by_chunks(t, scores.data(), sums, dest);
+      }
+    }
+  });
+  if (pieces == 0) return;
+  // Merge each split decode's pieces (consecutive tasks of one sequence and KV head): each piece's result
+  // weighted by its share of the softmax denominator, exp(max_p - max) * sum_p.
+  std::vector<int64_t> firsts;
+  for (size_t n = 0; n < tasks.size(); ++n)
+    if (tasks[n].part >= 0 && tasks[n].key0 == 0) firsts.push_back(n);
+  at::parallel_for(0, static_cast<int64_t>(firsts.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      const Task& first = tasks[firsts[f]];
+      int64_t count = 1;
+      while (firsts[f] + count < static_cast<int64_t>(tasks.size()) && tasks[firsts[f] + count].key0 > 0) ++count;
+      for (int64_t r = 0; r < group; ++r) {
+        auto stat = [&](int64_t p, int64_t i) { return stats[((first.part + p) * group + r) * 2 + i]; };
+        float m = stat(0, 0);
+        for (int64_t p = 1; p < count; ++p) m = std::max(m, stat(p, 0));
+        float acc[D] = {}, total = 0.f;
+        for (int64_t p = 0; p < count; ++p) {
+          const float w = std::exp(stat(p, 0) - m) * stat(p, 1);
+          const float* row = partial.data() + ((first.part + p) * group + r) * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * row[d];
+          total += w;
+        }
+        T* dst = out + (query_start[first.seq] * heads + first.head * group + r) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] / total);
       }
     }
   });
