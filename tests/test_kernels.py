@@ -110,10 +110,11 @@ def test_fused_layers_match_torch_path(dtype, tol, tokens):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 40])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 9, 40])
 def test_linear_matches_matmul(dtype, tol, rows):
-    """Float and int8 (per-row scale) weights, through the GEMV (up to 4 rows), torch's int8 kernel (up to 16)
-    and the dequantized matmul; 100 inputs leave a tail after the SIMD chunks (64 + 32 + 4 for bf16 dot products)."""
+    """Float and int8 (per-row scale) weights, for no rows, through the GEMV (up to 4 rows), torch's int8 kernel
+    (up to 16) and the dequantized matmul; 100 inputs leave a tail after the SIMD chunks (64 + 32 + 4 for bf16 dot
+    products)."""
     from pagedllm.kernels import linear
     from pagedllm.layers.quantization import quantize_rows
 

@@ -174,6 +174,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   for (const auto* t : {&bias, &scale})
     TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
                 "linear: bias and scale are [N] in x's dtype");
+  if (x.size(0) == 0) return at::empty({0, weight.size(0)}, x.options());
   if (x.size(0) <= kMaxRows) return small_batch_linear(x, weight, bias, scale);
   if (!int8) return at::linear(x, weight, bias);
   // torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
