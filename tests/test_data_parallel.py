@@ -94,5 +94,8 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_dp_combines_wi
         while llm.engine.has_unfinished_requests():
             llm.engine.step()
         assert sum(stats.prefix_cache_hits for _, stats in llm.get_stats()) > 0
+        assert llm.generate([{"prompt_token_ids": prompts[0]}], PARAMS, use_tqdm=False)[0].num_cached_tokens > 0
+        llm.reset_prefix_cache()  # on every replica
+        assert llm.generate([{"prompt_token_ids": prompts[0]}], PARAMS, use_tqdm=False)[0].num_cached_tokens == 0
     finally:
         llm.engine.shutdown()

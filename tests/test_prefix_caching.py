@@ -53,6 +53,10 @@ def test_shared_prefix_batch_matches_hf_and_repeat_hits_every_full_block(tiny_mo
     _check(again, refs[:1])
     (_, stats), = llm.get_stats()
     assert stats.prefix_cache_hits == sched.prefix_hits and stats.prefix_cache_queries >= stats.prefix_cache_hits
+    llm.reset_prefix_cache()  # forgotten: the same prompt computes every token again, with the same result
+    after_reset = _generate(llm, prompts[:1])
+    assert after_reset[0].num_cached_tokens == 0
+    _check(after_reset, refs[:1])
     assert_pool_empty(llm)
 
 

@@ -40,7 +40,10 @@ def _write(ns: argparse.Namespace, result: dict) -> None:
 
 
 def _warm_up(llm: LLM, w: Workload) -> None:
+    """A few short requests from the workload's prompts; then their prefixes are forgotten, so that the measured
+    run computes every prompt token itself."""
     _run(llm, Workload([p[:64] for p in w.prompts[:4]], [4] * min(4, len(w.prompts))), use_tqdm=False)
+    llm.reset_prefix_cache()
 
 
 def cmd_throughput(ns: argparse.Namespace) -> None:
@@ -141,6 +144,7 @@ def cmd_latency(ns: argparse.Namespace) -> None:
     _warm_up(llm, w)
     ttfts, tpots = [], []
     for _ in range(ns.num_iters):
+        llm.reset_prefix_cache()  # each iteration prefills the whole prompt
         rid = engine.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         start, first, done = time.perf_counter(), None, None
         while done is None:

@@ -63,6 +63,8 @@ def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Conn
                 return
             if kind == "abort":
                 engine.abort_request(rest[0])
+            elif kind == "reset_prefix_cache":
+                engine.reset_prefix_cache()
             else:
                 rid, prompt, params = rest
                 try:
@@ -172,6 +174,11 @@ class DataParallelEngine:
         pending = self.requests.pop(request_id, None)
         if pending is not None and self.replicas[pending.replica].alive:
             self.replicas[pending.replica].commands.send(("abort", request_id))
+
+    def reset_prefix_cache(self) -> None:
+        for r in self.replicas:
+            if r.alive:
+                r.commands.send(("reset_prefix_cache",))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -83,7 +83,7 @@ class BlockManager:
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (after a failed step whose K/V may never have been written)."""
+        """Forget every cached block (after a failed step whose K/V may never have been written, or when asked)."""
         self.cached.clear()
         for block in self.blocks:
             block.hash, block.token_ids = None, ()

@@ -162,6 +162,10 @@ class LLMEngine:
         self.num_prompt_tokens += len(ids)
         return request_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: later requests compute their prompts in full (benchmarks measure prefill so)."""
+        self.block_manager.reset_prefix_cache()
+
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None:

@@ -32,6 +32,10 @@ class LLM:
         queries and hits, preemptions) are totals since the engine started."""
         return self.engine.stats()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (on every data-parallel replica)."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: PromptType | Seq[PromptType],
