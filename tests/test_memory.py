@@ -86,6 +86,8 @@ def test_planner_matches_the_engine_allocation(tiny_models, arch):
     plan = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="fp32", max_model_len=256))
     loaded = {p.data_ptr(): p.numel() * p.element_size() for p in engine.runner.model.parameters()}
     assert plan["devices"][0]["weight_bytes"] == sum(loaded.values()) == engine.runner.weight_bytes
+    # on the CPU every weight lives in one buffer advised for 2 MiB pages
+    assert len({p.untyped_storage().data_ptr() for p in engine.runner.model.parameters()}) == 1
     pool = engine.runner.kv_cache
     assert pool.numel() * pool.element_size() == engine.block_manager.num_blocks * plan["kv_cache"]["bytes_per_block"]
 

@@ -15,7 +15,7 @@ from pagedllm.model_executor.context import attention_metadata
 from pagedllm.model_executor.input_builder import InputBuilder, StepInputs
 from pagedllm.model_loader.weights import build_model
 from pagedllm.models.decoder import Stage
-from pagedllm.platform import advise_huge_pages
+from pagedllm.platform import advise_huge_pages, move_to_huge_pages
 
 
 class ModelRunner:
@@ -23,6 +23,8 @@ class ModelRunner:
                  quantization: str | None = None, stage: Stage | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.model = build_model(cfg, folder, dtype, device, quantization, stage)
+        if device.type == "cpu":
+            move_to_huge_pages(self.model)
         if native_ops_enabled(device, dtype):
             enable_native_ops(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
