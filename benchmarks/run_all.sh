@@ -11,6 +11,8 @@ $B bench throughput --max-model-len 1024 --compare hf --output-json $R/throughpu
 # single request, bf16 and int8, against HF generate at batch 1
 $B bench latency --max-model-len 1024 --compare hf --output-json $R/latency_bf16.json
 $B bench latency --max-model-len 1024 --quantization int8 --output-json $R/latency_int8.json
+# single request at a long context (attention's share grows; few decodes split their keys over the threads)
+$B bench latency --max-model-len 4096 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
 $B bench int8 --output-json $R/int8_quality.json
 # prefix caching: 32 requests sharing a 1,000-token system prompt
 $B bench throughput --max-model-len 2048 --num-prompts 32 --shared-prefix-len 1000 --input-len 16 64 --output-len 32 32 --output-json $R/shared_prefix_cache_on.json
