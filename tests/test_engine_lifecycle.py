@@ -27,6 +27,16 @@ def test_abort_mid_generation_frees_blocks(llm):
     assert_pool_empty(llm)
 
 
+def test_steps_report_a_request_once_it_has_a_token_not_while_its_prompt_is_in_chunks(tiny_models):
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=256, max_num_batched_tokens=16)
+    engine = llm.engine
+    rid = engine.add_request({"prompt_token_ids": random_prompts(1, 40, 40, seed=2)[0]},
+                             SamplingParams(max_tokens=3, ignore_eos=True))
+    reports = [[len(o.outputs[0].token_ids) for o in engine.step() if o.request_id == rid] for _ in range(7)]
+    assert reports == [[], [], [], [], [1], [2], [3]]  # the prompt in 5 chunks of 8 (half the budget), then decodes
+    assert_pool_empty(llm)
+
+
 def test_engine_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
     engine = llm.engine
     rid = engine.add_request({"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=5))

@@ -280,9 +280,10 @@ class LLMEngine:
             child.num_computed_tokens = parent.num_computed_tokens
             self.scheduler.fork(parent, child)
             parent.request.seqs.append(child)
-        touched = {s.seq.request for s in batch}
         if result is not None:
             self._append_tokens(rows, result)
+        # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
+        touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
         return [self._output(req) for req in touched if req.request_id in self.requests]
 
     def _append_tokens(self, rows: list[tuple[int, Sequence]], result: SamplerOutput) -> None:
