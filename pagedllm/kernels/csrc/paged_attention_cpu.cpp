@@ -51,7 +51,7 @@ inline Vec load_float(const T* p) {
 }
 
 // Query tokens [first, first + count) of `seq` against KV head `head`, over its keys [key0, key0 + keys);
-// a piece of a split decode writes its (normalised) result and softmax statistics to partial slot `part`.
+// a piece of a split decode writes its unnormalised result and softmax statistics to partial slot `part`.
 struct Task {
   int64_t seq, head, first, count, key0, keys, part;
 };
@@ -253,22 +253,29 @@ void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* 
   }
 }
 
-// Each row's scores over its visible keys become probabilities; zero past them. With `stats`, row r's
-// maximum score and sum of exponentials go to stats[2r], stats[2r + 1] (to merge pieces of split keys).
+// Each row's scores over its visible keys become exp(score - max) in one pass that also sums them; zero past
+// them. Row r's maximum and sum go to stats[2r], stats[2r + 1]: the value sums are divided by the sum at the
+// end (a pass less over the scores than normalising them here), or pieces of split keys merged by both.
 template <typename T, int64_t D>
 void softmax_rows(const TaskView<T, D>& t, float* scores, float* stats) {
   for (int64_t r = 0; r < t.rows; ++r) {
     float* sr = scores + r * t.keys;
     const int64_t n = t.visible(r);
     const float m = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
-    at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, sr, sr, n);
-    const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
-    const float inv = 1.f / sum;
-    if (stats != nullptr) {
-      stats[2 * r] = m;
-      stats[2 * r + 1] = sum;
+    Vec acc(0.f);
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const Vec e = (Vec::loadu(sr + j) - Vec(m)).exp_u20();
+      e.store(sr + j);
+      acc = acc + e;
     }
-    at::vec::map([inv](Vec x) { return x * Vec(inv); }, sr, sr, n);
+    float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+    if (j < n) {
+      (Vec::loadu(sr + j, n - j) - Vec(m)).exp_u20().store(sr + j, n - j);
+      for (; j < n; ++j) sum += sr[j];
+    }
+    stats[2 * r] = m;
+    stats[2 * r + 1] = sum;
     std::fill(sr + n, sr + t.keys, 0.f);
   }
 }
@@ -539,7 +546,7 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   std::vector<float> partial(pieces * group * D), stats(pieces * group * 2);  // the pieces' rows and statistics
 
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> qf, scores, sums;  // per task: scaled queries, probabilities, value sums
+    std::vector<float> qf, scores, sums, own_stats;  // per task: scaled queries, probabilities, value sums
     for (int64_t n = bounds[thread_begin]; n < bounds[thread_end]; ++n) {
       const Task task = tasks[n];
       const int64_t len = query_start[task.seq + 1] - query_start[task.seq];
@@ -549,13 +556,16 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
                              pos0 - task.key0, task.count * group, task.keys};
       const int64_t token0 = query_start[task.seq] + task.first;  // the tile's first token in the step
       auto head_row = [&](int64_t r) { return (token0 + r / group) * heads + task.head * group + r % group; };
-      auto dest = [&](int64_t r, const float* row) {
+      own_stats.resize(t.rows * 2);
+      float* row_stats = task.part >= 0 ? stats.data() + task.part * group * 2 : own_stats.data();
+      auto dest = [&](int64_t r, const float* row) {  // row r's value sums, not yet divided by its softmax sum
         if (task.part >= 0) {
           std::copy(row, row + D, partial.data() + (task.part * group + r) * D);
           return;
         }
         T* dst = out + head_row(r) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+        const float inv = 1.f / row_stats[2 * r + 1];
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d] * inv);
       };
 
       qf.resize((t.rows + kRowBlock) * D);
@@ -564,7 +574,7 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(q[head_row(r) * D + d]) * scale;
       scores.resize(t.rows * t.keys);
       score_rows(t, q, head_row, qf.data(), scale, scores.data());
-      softmax_rows(t, scores.data(), task.part >= 0 ? stats.data() + task.part * group * 2 : nullptr);
+      softmax_rows(t, scores.data(), row_stats);
       if (t.rows < kTransposeRows) {
         values_of_few_rows(t, scores.data(), dest);
       } else {
@@ -573,8 +583,8 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
     }
   });
   if (pieces == 0) return;
-  // Merge each split decode's pieces (consecutive tasks of one sequence and KV head): each piece's result
-  // weighted by its share of the softmax denominator, exp(max_p - max) * sum_p.
+  // Merge each split decode's pieces (consecutive tasks of one sequence and KV head): their value sums, each
+  // relative to its own maximum, rescaled by exp(max_p - max) and divided by the rescaled sums' total.
   std::vector<int64_t> firsts;
   for (size_t n = 0; n < tasks.size(); ++n)
     if (tasks[n].part >= 0 && tasks[n].key0 == 0) firsts.push_back(n);
@@ -589,10 +599,10 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
         for (int64_t p = 1; p < count; ++p) m = std::max(m, stat(p, 0));
         float acc[D] = {}, total = 0.f;
         for (int64_t p = 0; p < count; ++p) {
-          const float w = std::exp(stat(p, 0) - m) * stat(p, 1);
+          const float w = std::exp(stat(p, 0) - m);
           const float* row = partial.data() + ((first.part + p) * group + r) * D;
           for (int64_t d = 0; d < D; ++d) acc[d] += w * row[d];
-          total += w;
+          total += w * stat(p, 1);
         }
         T* dst = out + (query_start[first.seq] * heads + first.head * group + r) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] / total);
