@@ -13,8 +13,8 @@
 // (a small matrix product) instead of dot products. Scores are kept for the whole visible context
 // (two-pass softmax); with few rows, each value row is converted once and added into every row's sum in
 // registers. Math in fp32, vectorised with ATen's portable SIMD types (AVX-512 / AVX2 / NEON / scalar, as
-// the build flags select); in bf16 on CPUs with AVX512-BF16, scores and few rows' value sums use its
-// pairwise dot products.
+// the build flags select); in bf16 on CPUs with AVX512-BF16, scores and value sums use its pairwise dot
+// products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -25,6 +25,8 @@
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
+// the bf16 functions below are compiled for AVX512-BF16 and called only where the CPU has it
+#define PAGEDLLM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #endif
 
 #include <algorithm>
@@ -153,7 +155,7 @@ inline void transpose16(__m512* r) {
 // straight into fp32 (the products are exact; no conversion of the keys), then 16 horizontal sums at once.
 // q[r] is row r's query in bf16, unscaled.
 template <int64_t D>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_bf16_dot_products(
+PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
     const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
   constexpr int64_t kChunks = (D + 31) / 32;  // 32 bf16 per instruction; D = 16 is one masked chunk
   constexpr __mmask32 kLast = D % 32 == 0 ? ~0u : (1u << (D % 32)) - 1;
@@ -191,7 +193,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_bf16_dot_p
 // FMAs and no conversion of the keys. q[r] is row r's query in bf16, unscaled; q has kRowBlock zero rows
 // past its end.
 template <int64_t D>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void scores_by_transposed_bf16_keys(
+PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
     const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
   constexpr int64_t P = D / 2;  // dimension pairs per key
   alignas(64) uint32_t kt[P * 16];
@@ -253,8 +255,8 @@ void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* 
   }
 }
 
-// Each row's scores over its visible keys become exp(score - max) in one pass that also sums them; zero past
-// them. Row r's maximum and sum go to stats[2r], stats[2r + 1]: the value sums are divided by the sum at the
+// Each row's scores over its visible keys become exp(score - max) in one pass that also sums them (the value
+// sums' "probabilities", normalised only at the end); zero past them. Row r's maximum and sum go to stats[2r], stats[2r + 1]: the value sums are divided by the sum at the
 // end (a pass less over the scores than normalising them here), or pieces of split keys merged by both.
 template <typename T, int64_t D>
 void softmax_rows(const TaskView<T, D>& t, float* scores, float* stats) {
@@ -309,7 +311,6 @@ void values_of_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
 // products per instruction and no conversion of the values. The probabilities are rounded to bf16 first, as
 // in a bf16 attention matmul. The unpacks work within 128-bit lanes: lane 4L + i of sum vector 2c holds
 // dimension 32c + 8L + i (i < 4), of vector 2c + 1 dimension 32c + 8L + 4 + i; store_in_order undoes that.
-#define PAGEDLLM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
 template <int64_t D>
 struct Bf16Pairs {
   static constexpr int64_t kChunks = (D + 31) / 32;  // 32 dimensions per vector; D = 16 is one masked chunk
@@ -405,7 +406,6 @@ PAGEDLLM_BF16_DOT void values_by_bf16_pair_chunks(const TaskView<at::BFloat16, D
     dest(r, row);
   }
 }
-#undef PAGEDLLM_BF16_DOT
 #endif
 
 // values_of_rows for the task's row count (below kTransposeRows); in bf16 by pairs of keys where the CPU has
