@@ -23,8 +23,7 @@ class ModelRunner:
                  quantization: str | None = None, stage: Stage | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.model = build_model(cfg, folder, dtype, device, quantization, stage)
-        if device.type == "cpu":
-            move_to_huge_pages(self.model)
+        move_to_huge_pages(self.model)  # its CPU parameters; a no-op on other devices
         if native_ops_enabled(device, dtype):
             enable_native_ops(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]

@@ -546,7 +546,8 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   std::vector<float> partial(pieces * group * D), stats(pieces * group * 2);  // the pieces' rows and statistics
 
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> qf, scores, sums, own_stats;  // per task: scaled queries, probabilities, value sums
+    // per task: scaled queries, probabilities, value sums, softmax statistics (a split piece's go to `stats`)
+    std::vector<float> qf, scores, sums, own_stats;
     for (int64_t n = bounds[thread_begin]; n < bounds[thread_end]; ++n) {
       const Task task = tasks[n];
       const int64_t len = query_start[task.seq + 1] - query_start[task.seq];
