@@ -3,20 +3,17 @@
 // rounded to the model's dtype where HF's modules round, vectorised with ATen's portable SIMD types.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
 #include "ops.h"
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 
+namespace pagedllm::cpu {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
 
 // Rows are processed kStep values at a time, as two fp32 vectors (one full vector of a 16-bit type);
 // a row's tail may be shorter.
@@ -73,7 +70,7 @@ void rms_norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
     const Pair v = load(x + i, std::min(kStep, n - i));  // a short load fills the rest with zeros
     acc = at::vec::fmadd(v.lo, v.lo, at::vec::fmadd(v.hi, v.hi, acc));
   }
-  const Vec rstd(1.f / std::sqrt(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc) / n + eps));
+  const Vec rstd(1.f / std::sqrt(sum_of(acc) / n + eps));
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const Pair v = load(x + i, m), w = load(weight + i, m);
@@ -153,38 +150,29 @@ void rotary_impl(const at::Tensor& positions, at::Tensor& x, const at::Tensor& c
   });
 }
 
-template <typename F>
-void dispatch(at::ScalarType type, const char* name, F&& f) {
-  switch (type) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    default: TORCH_CHECK(false, name, ": unsupported dtype ", type);
-  }
-}
-
 void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && weight.is_contiguous(), name, ": contiguous CPU tensors");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(-1), name, ": weight does not match");
 }
 
 }  // namespace
+}  // namespace pagedllm::cpu
 
 namespace pagedllm {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, weight, "rms_norm");
+  cpu::check_rows(x, weight, "rms_norm");
   auto out = at::empty_like(x);
-  dispatch(x.scalar_type(), "rms_norm", [&](auto t) { rms_norm_impl<decltype(t)>(out, x, weight, eps); });
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] { cpu::rms_norm_impl<scalar_t>(out, x, weight, eps); });
   return out;
 }
 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_rows(x, weight, "fused_add_rms_norm");
+  cpu::check_rows(x, weight, "fused_add_rms_norm");
   TORCH_CHECK(residual.is_contiguous() && residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
               "fused_add_rms_norm: residual does not match");
-  dispatch(x.scalar_type(), "fused_add_rms_norm",
-           [&](auto t) { fused_add_rms_norm_impl<decltype(t)>(x, residual, weight, eps); });
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "fused_add_rms_norm",
+                                [&] { cpu::fused_add_rms_norm_impl<scalar_t>(x, residual, weight, eps); });
 }
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
@@ -192,7 +180,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   auto sizes = x.sizes().vec();
   sizes.back() /= 2;
   auto out = at::empty(sizes, x.options());
-  dispatch(x.scalar_type(), "silu_and_mul", [&](auto t) { silu_and_mul_impl<decltype(t)>(out, x); });
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "silu_and_mul", [&] { cpu::silu_and_mul_impl<scalar_t>(out, x); });
   return out;
 }
 
@@ -204,7 +192,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& x, const at::Tens
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
                   cos.size(1) * 2 == x.size(2),
               "rotary_embedding: fp32 cos/sin tables of head_dim / 2 columns");
-  dispatch(x.scalar_type(), "rotary_embedding", [&](auto t) { rotary_impl<decltype(t)>(positions, x, cos, sin); });
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rotary_embedding",
+                                [&] { cpu::rotary_impl<scalar_t>(positions, x, cos, sin); });
 }
 
 }  // namespace pagedllm

@@ -8,54 +8,27 @@
 // memory bandwidth is not the limit. Larger batches go to torch's matmul.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
 #include "ops.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
+namespace pagedllm::cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kMaxRows = 4;         // up to this many input rows, one pass over the weights serves them all
 constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing int8 weights for a bf16 matmul is faster
-
-template <typename T>
-inline Vec load_float(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else if constexpr (std::is_same_v<T, int8_t>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-    float tmp[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) tmp[i] = p[i];
-    return Vec::loadu(tmp);
-#endif
-  } else {
-    Vec v;
-    at::vec::load_to_float(p, v);
-    return v;
-  }
-}
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Output rows [begin, end) of a bf16 GEMV with vdpbf16ps; a separate function so that only it is compiled
 // for AVX512-BF16, and called only where the CPU has it.
 template <int64_t M>
-__attribute__((target("avx512f,avx512bf16"))) void gemv_rows_bf16_dot(const at::BFloat16* x, const at::BFloat16* w,
-                                                                        const at::BFloat16* bias, at::BFloat16* y,
-                                                                        int64_t n_out, int64_t k, int64_t begin,
-                                                                        int64_t end) {
+PAGEDLLM_BF16_DOT void gemv_rows_bf16_dot(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias,
+                                          at::BFloat16* y, int64_t n_out, int64_t k, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n) {
     const at::BFloat16* wr = w + n * k;
     // two accumulators per input row: with one chain of dependent dot products per row a core streamed
@@ -89,7 +62,7 @@ template <typename T, typename W, int64_t M>
 void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n_out, int64_t k) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, at::BFloat16>) {
-    if (pagedllm::cpu_has_bf16_dot()) {
+    if (cpu_has_bf16_dot()) {
       at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
         gemv_rows_bf16_dot<M>(x, w, bias, y, n_out, k, begin, end);
       });
@@ -119,7 +92,7 @@ void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n
         for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(Vec::loadu(xf.data() + m * k + i), wv, acc[m]);
       }
       for (int64_t m = 0; m < M; ++m) {
-        float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m] + acc2[m]);
+        float s = sum_of(acc[m] + acc2[m]);
         for (int64_t j = i; j < k; ++j) s += xf[m * k + j] * static_cast<float>(wr[j]);
         if (scale != nullptr) s *= static_cast<float>(scale[n]);
         if (bias != nullptr) s += static_cast<float>(bias[n]);
@@ -150,23 +123,18 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
       default: call(std::integral_constant<int64_t, 4>{}); break;
     }
   };
-  auto with_weight = [&](auto act) {
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear", [&] {
     if (weight.scalar_type() == at::kChar) {
-      run(act, int8_t{});
+      run(scalar_t{}, int8_t{});
     } else {
-      run(act, act);
+      run(scalar_t{}, scalar_t{});
     }
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: with_weight(float{}); break;
-    case at::kBFloat16: with_weight(at::BFloat16{}); break;
-    case at::kHalf: with_weight(at::Half{}); break;
-    default: TORCH_CHECK(false, "linear: unsupported dtype ", x.scalar_type());
-  }
+  });
   return y;
 }
 
 }  // namespace
+}  // namespace pagedllm::cpu
 
 namespace pagedllm {
 
@@ -184,10 +152,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
                 "linear: bias and scale are [N] in x's dtype");
   if (x.size(0) == 0) return at::empty({0, weight.size(0)}, x.options());
-  if (x.size(0) <= kMaxRows) return small_batch_linear(x, weight, bias, scale);
+  if (x.size(0) <= cpu::kMaxRows) return cpu::small_batch_linear(x, weight, bias, scale);
   if (!int8) return at::linear(x, weight, bias);
   // torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
-  const bool int8_kernel = x.size(0) <= kInt8KernelRows && x.size(1) % 16 == 0;
+  const bool int8_kernel = x.size(0) <= cpu::kInt8KernelRows && x.size(1) % 16 == 0;
   auto y = int8_kernel ? at::_weight_int8pack_mm(x.contiguous(), weight, *scale)
                        : at::linear(x, weight.to(x.scalar_type()) * scale->unsqueeze(1));
   return bias ? y + *bias : y;

@@ -1,0 +1,199 @@
+// Paged attention's scores q . k for one task (attention_tasks.h), by the shape of its work: few rows (decodes)
+// by a dot product per row and key, many rows (prompt tiles) by transposing the keys so that each row's scores
+// are a small matrix product. In bf16 on CPUs with AVX512-BF16 by its pairwise dot products, else in fp32.
+#pragma once
+
+#include "attention_tasks.h"
+#include "cpu_vec.h"
+#include "ops.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace pagedllm::cpu {
+
+// Few rows (decodes): scores[r][j] = q_r . k_j as a dot product per row and key.
+template <typename T, int64_t D>
+void scores_by_dot_products(const TaskView<T, D>& t, const float* qf, float* scores) {
+  constexpr int64_t C = D / kLanes;
+  t.for_each_row(t.k_head, t.keys, [&](int64_t j, const T* k) {
+    Vec kv[C];
+    for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
+    for (int64_t r = t.first_row_seeing(j); r < t.rows; ++r) {
+      const float* qr = qf + r * D;
+      Vec s = Vec::loadu(qr) * kv[0];
+      for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
+      scores[r * t.keys + j] = sum_of(s);
+    }
+  }, t.v_head);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane j of the result is the sum of v[j]'s 16 lanes: 16 horizontal sums in 45 instructions instead of 16 x 8.
+inline __m512 sum_lanes(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)  // lane L: [v2i, v2i+1, v2i, v2i+1] partial sums
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane L: [v4i, v4i+1, v4i+2, v4i+3], each summed over lane L
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // out lane i = the sum over lanes L of x[i]'s lane L (a 4 x 4 transpose of 128-bit lanes, added up)
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+// r[i] lane j <- r[j] lane i for 16 vectors of 16 32-bit lanes: unpacks within 128-bit lanes, then a 4 x 4
+// transpose of the lanes.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {  // r[4g + m], lane L: element 4L + m of rows 4g .. 4g + 3
+    const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 2]);
+    const __m512d c = _mm512_castps_pd(t[j + 1]), d = _mm512_castps_pd(t[j + 3]);
+    r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int m = 0; m < 4; ++m) {  // element 4L + m of all rows: lane g of the output from lane L of r[4g + m]
+    const __m512 p0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), p1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 p2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44), p3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_f32x4(p0, p2, 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
+    t[8 + m] = _mm512_shuffle_f32x4(p1, p3, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
+  }
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
+// Few rows in bf16, on CPUs with AVX512-BF16: 16 keys at a time, each q . k by pairwise bf16 dot products
+// straight into fp32 (the products are exact; no conversion of the keys), then 16 horizontal sums at once.
+// q[r] is row r's query in bf16, unscaled.
+template <int64_t D>
+PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
+    const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
+  constexpr int64_t kChunks = (D + 31) / 32;  // 32 bf16 per instruction; D = 16 is one masked chunk
+  constexpr __mmask32 kLast = D % 32 == 0 ? ~0u : (1u << (D % 32)) - 1;
+  const bool in_one_block = t.block_size % 16 == 0;  // then 16 keys from j0 are consecutive rows
+  for (int64_t j0 = 0; j0 < t.keys; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, t.keys - j0);
+    const at::BFloat16* k[16];
+    const at::BFloat16* first = t.row(t.k_head, j0);
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t j = j0 + std::min(i, nk - 1);  // past the end: repeat the last key (its score is not stored)
+      k[i] = in_one_block ? first + (j - j0) * D : t.row(t.k_head, j);
+    }
+    if (j0 % t.block_size == 0) {
+      if (j0 + t.block_size < t.keys) t.prefetch_block(t.k_head, j0 + t.block_size);
+      t.prefetch_block(t.v_head, j0);
+    }
+    for (int64_t r = 0; r < t.rows; ++r) {
+      __m512bh qv[kChunks];
+      for (int64_t c = 0; c < kChunks; ++c)
+        qv[c] = (__m512bh)_mm512_maskz_loadu_epi16(c + 1 == kChunks ? kLast : ~0u, q[r] + c * 32);
+      __m512 s[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        s[i] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < kChunks; ++c)
+          s[i] = _mm512_dpbf16_ps(s[i], qv[c], (__m512bh)_mm512_maskz_loadu_epi16(c + 1 == kChunks ? kLast : ~0u, k[i] + c * 32));
+      }
+      _mm512_mask_storeu_ps(scores + r * t.keys + j0, static_cast<__mmask16>((1u << nk) - 1),
+                            _mm512_mul_ps(sum_lanes(s), _mm512_set1_ps(scale)));
+    }
+  }
+}
+// Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but 16 keys are transposed as
+// pairs of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for
+// them are D / 2 pairwise bf16 dot products with its broadcast query pair, half the instructions of fp32
+// FMAs and no conversion of the keys. q[r] is row r's query in bf16, unscaled; q has kRowBlock zero rows
+// past its end.
+template <int64_t D>
+PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
+    const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
+  constexpr int64_t P = D / 2;  // dimension pairs per key
+  alignas(64) uint32_t kt[P * 16];
+  const int64_t rows = t.rows, keys = t.keys;
+  for (int64_t j0 = 0; j0 < keys; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, keys - j0);
+    const uint32_t* k[16];
+    for (int64_t i = 0; i < 16; ++i)  // past the end: repeat the last key (its score is not stored)
+      k[i] = reinterpret_cast<const uint32_t*>(t.row(t.k_head, j0 + std::min(i, nk - 1)));
+    for (int64_t c = 0; c < P; c += 16) {  // 16 x 16 32-bit transposes
+      const __mmask16 cols = P - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - c)) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(cols, k[i] + c));
+      transpose16(r);
+      for (int64_t i = 0; i < std::min<int64_t>(16, P - c); ++i) _mm512_store_ps(kt + (c + i) * 16, r[i]);
+    }
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
+      __m512 acc[kRowBlock];
+      const uint32_t* qp[kRowBlock];
+      for (int64_t i = 0; i < kRowBlock; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        qp[i] = reinterpret_cast<const uint32_t*>(q[r0 + i]);
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const __m512bh kd = (__m512bh)_mm512_load_si512(kt + p * 16);
+        for (int64_t i = 0; i < kRowBlock; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], kd, (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[i][p])));
+      }
+      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i)
+        _mm512_mask_storeu_ps(scores + (r0 + i) * keys + j0, static_cast<__mmask16>((1u << nk) - 1),
+                              _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+    }
+  }
+}
+#endif
+
+// Many rows (prompt tiles): kLanes keys at a time, transposed once into kt[d][j], so each row's scores for
+// them are D broadcast FMAs (a small matrix product, kRowBlock rows in flight) with no horizontal sums.
+// qf has kRowBlock zero rows past its end.
+template <typename T, int64_t D>
+void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* scores) {
+  float kt[D * kLanes];
+  const int64_t rows = t.rows, keys = t.keys;
+  for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+    const int64_t nk = std::min(kLanes, keys - j0);
+    for (int64_t jj = 0; jj < kLanes; ++jj) {
+      const T* k = t.row(t.k_head, j0 + std::min(jj, nk - 1));  // past the end: repeat the last key (unused)
+      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + jj] = static_cast<float>(k[d]);
+    }
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
+      Vec acc[kRowBlock];
+      for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = Vec(0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec kd = Vec::loadu(kt + d * kLanes);
+        for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = at::vec::fmadd(Vec(qf[(r0 + i) * D + d]), kd, acc[i]);
+      }
+      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i) acc[i].store(scores + (r0 + i) * keys + j0, nk);
+    }
+  }
+}
+
+// A task's scores: few rows by dot products, many by transposed keys; in bf16 with AVX512-BF16's dot products
+// where the CPU has them (on the bf16 queries q), else in fp32 (on the scaled queries qf).
+template <typename T, int64_t D, typename HeadRow>
+void score_rows(const TaskView<T, D>& t, const T* q, HeadRow&& head_row, const float* qf, float scale,
+                float* scores) {
+  const bool few = t.rows < kTransposeRows;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (cpu_has_bf16_dot()) {
+      alignas(64) static const T zeros[D] = {};
+      std::vector<const T*> rows(t.rows + kRowBlock, zeros);  // kRowBlock zero rows past the end
+      for (int64_t r = 0; r < t.rows; ++r) rows[r] = q + head_row(r) * D;
+      return few ? scores_by_bf16_dot_products(t, rows.data(), scale, scores)
+                 : scores_by_transposed_bf16_keys(t, rows.data(), scale, scores);
+    }
+  }
+#endif
+  return few ? scores_by_dot_products(t, qf, scores) : scores_by_transposed_keys(t, qf, scores);
+}
+
+}  // namespace pagedllm::cpu

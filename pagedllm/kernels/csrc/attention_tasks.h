@@ -1,0 +1,108 @@
+// How paged attention divides a step's work: tasks of (sequence, KV head, tile of query tokens), each seen
+// through a TaskView of the pool; few long decodes also split their keys into pieces (flash-decoding).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace pagedllm::cpu {
+
+constexpr int64_t kTile = 32;           // query tokens per task
+constexpr int64_t kTransposeRows = 8;   // from this many rows per task, scores use transposed keys
+constexpr int64_t kRowBlock = 4;        // rows scored together (independent accumulators)
+constexpr int64_t kTasksPerThread = 4;  // fewer tasks than this per thread: split decodes into pieces of keys
+constexpr int64_t kMinPieceKeys = 128;  // ... of at least this many keys
+
+// Query tokens [first, first + count) of `seq` against KV head `head`, over its keys [key0, key0 + keys);
+// a piece of a split decode writes its unnormalised result and softmax statistics to partial slot `part`.
+struct Task {
+  int64_t seq, head, first, count, key0, keys, part;
+};
+
+// The output row (query token x query head, of `heads`) of a task's row r, for its tile's first token token0:
+// row r is query token r / group of the tile, query head r % group of those sharing KV head `kv_head`.
+inline int64_t head_row(int64_t token0, int64_t kv_head, int64_t group, int64_t heads, int64_t r) {
+  return (token0 + r / group) * heads + kv_head * group + r % group;
+}
+
+// One task's view of the pool and its query rows (rows as head_row numbers them). The tile's first query
+// sits at position pos0, so row r sees keys [0, visible(r)). Key j is the task's j-th (a piece of a split
+// decode starts at a block edge: table and pos0 are relative to its first key).
+template <typename T, int64_t D>
+struct TaskView {
+  const T* k_head;  // this KV head's slice of the key pool
+  const T* v_head;
+  const int64_t* table;
+  int64_t block_size, group, pos0, rows, keys;
+
+  int64_t visible(int64_t r) const { return std::min(keys, pos0 + r / group + 1); }
+  int64_t first_row_seeing(int64_t j) const { return std::max<int64_t>(0, j - pos0) * group; }
+  const T* row(const T* head, int64_t j) const {
+    return head + (table[j / block_size] * block_size + j % block_size) * D;
+  }
+  void prefetch_block(const T* head, int64_t j) const {
+    const char* block = reinterpret_cast<const char*>(head + table[j / block_size] * block_size * D);
+    for (int64_t b = 0; b < block_size * D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(block + b);
+  }
+  // Calls body(j, row) for keys [0, n) block by block: a block's rows are contiguous, but blocks lie anywhere
+  // in the pool, so the next block is prefetched while one is read (and, with `also`, the same block of the
+  // other pool, which is read next).
+  template <typename F>
+  void for_each_row(const T* head, int64_t n, F&& body, const T* also = nullptr) const {
+    for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+      const T* block = head + table[j0 / block_size] * block_size * D;
+      if (j0 + block_size < n) prefetch_block(head, j0 + block_size);
+      if (also != nullptr) prefetch_block(also, j0);
+      for (int64_t i = 0; i < std::min(block_size, n - j0); ++i) body(j0 + i, block + i * D);
+    }
+  }
+};
+
+// The step's tasks: each sequence's tiles of query tokens for each KV head; with fewer than kTasksPerThread
+// tasks per thread, each decode's keys in pieces of whole blocks (at least kMinPieceKeys keys), about as many
+// as make up the shortfall. `pieces` counts the split tasks' pieces.
+inline std::vector<Task> make_tasks(const int64_t* query_start, const int64_t* context_lens, int64_t num_seqs,
+                                    int64_t kv_heads, int64_t block_size, int64_t& pieces) {
+  int64_t plain = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) plain += kv_heads * ((query_start[b + 1] - query_start[b] + kTile - 1) / kTile);
+  const int64_t wanted = kTasksPerThread * at::get_num_threads();
+  const int64_t split = plain > 0 && plain < wanted ? (wanted + plain - 1) / plain : 1;  // pieces per decode
+  std::vector<Task> tasks;
+  pieces = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t len = query_start[b + 1] - query_start[b], ctx = context_lens[b];
+    int64_t piece = ctx;
+    if (len == 1 && split > 1) {
+      const int64_t keys = std::max(kMinPieceKeys, (ctx + split - 1) / split);
+      piece = (keys + block_size - 1) / block_size * block_size;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      if (piece < ctx) {
+        for (int64_t k0 = 0; k0 < ctx; k0 += piece) tasks.push_back({b, h, 0, 1, k0, std::min(piece, ctx - k0), pieces++});
+        continue;
+      }
+      for (int64_t i = 0; i < len; i += kTile) {
+        const int64_t count = std::min(kTile, len - i);
+        tasks.push_back({b, h, i, count, 0, ctx - len + i + count, -1});
+      }
+    }
+  }
+  return tasks;
+}
+
+// Task boundaries for `threads` threads: each takes a contiguous run of tasks (so it streams through its own
+// part of the pool) holding about an equal share of the work (query tokens x keys).
+inline std::vector<int64_t> split_among_threads(const std::vector<Task>& tasks, int64_t threads) {
+  std::vector<double> work;  // running total up to and including each task
+  for (const Task& task : tasks) work.push_back((work.empty() ? 0. : work.back()) + task.count * task.keys);
+  std::vector<int64_t> bounds(threads + 1, static_cast<int64_t>(tasks.size()));
+  bounds[0] = 0;
+  for (int64_t t = 1; t < threads; ++t)
+    bounds[t] = std::upper_bound(work.begin(), work.end(), work.back() * t / threads) - work.begin();
+  return bounds;
+}
+
+}  // namespace pagedllm::cpu
