@@ -12,17 +12,16 @@ import torch
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
 from pagedllm.distributed.executor import LocalExecutor, WorkerDiedError, check_tensor_parallel, make_executor
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
+from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from pagedllm.engine.sequence import Request, Sequence
-from pagedllm.layers.sampler import SamplerOutput
 from pagedllm.memory.kv_sizing import cpu_default_kv_budget, kv_bytes_per_token
 from pagedllm.memory.units import format_bytes
 from pagedllm.memory.weights import partition_layers
 from pagedllm.model_executor.input_builder import StepInputs
 from pagedllm.model_loader.resolve import resolve_model
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import RequestOutput
 from pagedllm.platform import resolve_device, tune_cpu
 from pagedllm.sampling_params import SamplingParams
 
@@ -79,8 +78,6 @@ class LLMEngine:
         self.max_model_len, budget = model_limits(args, cfg)
         self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
         self.processor = InputProcessor(cfg, self.tokenizer, self.max_model_len)
-        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self.eos_token_ids = self.processor.eos_token_ids
 
         self.executor = make_executor(args, cfg, self.model_path, self.dtype, self.device)
         self.runner = self.executor.runner  # rank 0's shard; it also samples
@@ -95,6 +92,8 @@ class LLMEngine:
             SchedulerConfig(args.max_num_seqs, budget, self.max_model_len, args.enable_chunked_prefill),
             self.block_manager,
         )
+        self.output_processor = OutputProcessor(self.tokenizer, self.processor.eos_token_ids, self.max_model_len,
+                                                self.scheduler.finish)
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[_Launched] = deque()
         self.num_prompt_tokens = 0
@@ -281,62 +280,10 @@ class LLMEngine:
             self.scheduler.fork(parent, child)
             parent.request.seqs.append(child)
         if result is not None:
-            self._append_tokens(rows, result)
+            self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result)
         # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
         touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
         return [self._output(req) for req in touched if req.request_id in self.requests]
-
-    def _append_tokens(self, rows: list[tuple[int, Sequence]], result: SamplerOutput) -> None:
-        now = time.time()
-        tokens = result.token_ids.tolist()
-        lps = result.logprobs.tolist() if result.logprobs is not None else None
-        for j, ((_, seq), token) in enumerate(zip(rows, tokens)):
-            if seq.is_finished:  # aborted while its batch was in flight
-                continue
-            seq.token_ids.append(token)
-            self.num_generation_tokens += 1
-            m = seq.request.metrics
-            m.first_token_time = m.first_token_time or now
-            m.last_token_time = now
-            if lps is not None:
-                seq.cumulative_logprob += lps[j]
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(self._logprob_entry(result, j, token, seq.params.logprobs))
-            self._check_stop(seq, token)
-
-    def _logprob_entry(self, result: SamplerOutput, j: int, token: int, k: int) -> dict[int, Logprob]:
-        entry = {token: Logprob(result.logprobs[j].item(), int(result.ranks[j]), self._piece(token))}
-        if k > 0:
-            for rank, (tid, lp) in enumerate(zip(result.top_ids[j, :k].tolist(), result.top_logprobs[j, :k].tolist()), 1):
-                entry.setdefault(tid, Logprob(lp, rank, self._piece(tid)))
-        return entry
-
-    def _piece(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        delta = self.detokenizer.update(seq) if self.detokenizer else ""
-        reason, stop_reason = None, None
-        if seq.num_output_tokens > p.min_tokens or p.min_tokens == 0:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif token in p.stop_token_ids:
-                reason, stop_reason = "stop", token
-            elif p.stop_strings and delta:
-                hit = find_stop(seq.detok.text, len(delta), p.stop_strings)
-                if hit is not None:
-                    pos, stop = hit
-                    seq.detok.text = seq.detok.text[:pos + (len(stop) if p.include_stop_str_in_output else 0)]
-                    reason, stop_reason = "stop", stop
-        if reason is None and (seq.num_output_tokens >= (p.max_tokens or self.max_model_len)
-                               or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            if self.detokenizer is not None and not isinstance(stop_reason, str):
-                self.detokenizer.update(seq, final=True)
-            seq.finish_reason, seq.stop_reason = reason, stop_reason
-            self.scheduler.finish(seq)
 
     def _fail(self, requests: set[Request], message: str) -> list[RequestOutput]:
         outputs = []
@@ -350,21 +297,7 @@ class LLMEngine:
         return outputs
 
     def _output(self, req: Request) -> RequestOutput:
-        finished = req.is_finished or req.error is not None
-        if finished:
+        if req.is_finished or req.error is not None:
             self.requests.pop(req.request_id, None)
             req.metrics.finished_time = time.time()
-        hold = max((len(s) for s in req.params.stop_strings), default=1) - 1
-        completions = []
-        for seq in sorted(req.seqs, key=lambda s: s.index):
-            text = seq.detok.text
-            if hold and not seq.is_finished:  # a stop string may still complete across this tail
-                text = text[:max(0, len(text) - hold)]
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             req.metrics, req.num_cached_tokens, req.error)
+        return self.output_processor.make_output(req)
