@@ -29,6 +29,8 @@ def test_bench_throughput_with_hf_and_roofline(tiny_models, tmp_path):
 def test_bench_latency(tiny_models, tmp_path):
     r = _bench(["latency", "--model", tiny_models["llama"], *SMALL, "--num-iters", "2"], tmp_path)
     assert r["tpot_s"] > 0 and r["ttft_s"] > 0 and r["bandwidth_limit_tok_s"] > 0
+    # the fraction pairs each decode with the bandwidth measured right after it, so it need not be the ratio of medians
+    assert 0 < r["bandwidth_fraction"] and r["read_bandwidth"] > 0
 
 
 def test_bench_rejects_bad_workload(tiny_models):
