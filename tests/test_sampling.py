@@ -81,6 +81,21 @@ def test_min_tokens_bans_eos_and_stop_ids():
     assert Sampler()(logits.clone(), m).token_ids.item() == 7
 
 
+def test_logit_bias_and_allowed_token_ids_apply_to_their_rows_only():
+    plain, biased = SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={3: 10.0, 0: -1.5})
+    out = Sampler()(LOGITS.expand(2, -1).clone(), _meta([plain, biased])).token_ids.tolist()
+    assert out == [0, 3]  # 1.0 + 10 beats 4.0; the unbiased row keeps its argmax
+    out = Sampler()(LOGITS.clone(), _meta([SamplingParams(temperature=0, logit_bias={0: -3.0})])).token_ids.tolist()
+    assert out == [1]  # 4 - 3 < 3
+    assert _draws(LOGITS, SamplingParams(temperature=5.0, allowed_token_ids=[2, 5, 6]), n=2000) == {2, 5, 6}
+    mixed = Sampler()(LOGITS.expand(2, -1).clone(), _meta([SamplingParams(temperature=0, allowed_token_ids=[4, 6]),
+                                                            plain])).token_ids.tolist()
+    assert mixed == [4, 0]
+    # logprobs stay the model's own (raw), as vLLM's default
+    lp = Sampler()(LOGITS.clone(), _meta([SamplingParams(temperature=0, logit_bias={3: 10.0}, logprobs=0)]))
+    assert lp.token_ids.item() == 3 and lp.logprobs.item() == pytest.approx(LOGITS.log_softmax(-1)[0, 3].item())
+
+
 def test_logprobs_are_raw_log_softmax():
     m = _meta([SamplingParams(temperature=0, logprobs=3)])
     out = Sampler()(LOGITS.clone(), m)
@@ -158,6 +173,11 @@ def test_invalid_arguments_raise_value_error(llm):
         llm.generate({"prompt_token_ids": [5] * 600}, use_tqdm=False)
     with pytest.raises(ValueError, match="token ids"):
         llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+    for bad in (dict(logit_bias={10**9: 1.0}), dict(allowed_token_ids=[-1]), dict(stop_token_ids=[10**9])):
+        with pytest.raises(ValueError, match="must name token ids"):
+            llm.generate({"prompt_token_ids": [5]}, SamplingParams(**bad), use_tqdm=False)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
     with pytest.raises(ValueError, match="unknown engine argument"):
         LLM(llm.engine.model_path, not_an_arg=1)
     assert_pool_empty(llm)

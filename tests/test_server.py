@@ -131,6 +131,9 @@ def test_stop_n_logprobs_seed_as_offline(client, offline):
     ({"prompt": "hi", "top_p": 0}, 400),
     ({"prompt": "hi", "n": "many"}, 400),
     ({"prompt": [5] * (MAX_MODEL_LEN + 10)}, 400),
+    ({"prompt": [5] * 20, "max_tokens": MAX_MODEL_LEN - 19}, 400),  # vLLM: "'max_tokens' ... is too large"
+    ({"prompt": "hi", "logit_bias": {"not-a-token": 1}}, 400),
+    ({"prompt": "hi", "logit_bias": {"1000000000": 1}}, 400),
     ({"prompt": "hi", "model": "gpt-4"}, 404),
 ])
 def test_bad_input_gets_status_and_openai_error_body(server, client, body, status):
@@ -141,6 +144,30 @@ def test_bad_input_gets_status_and_openai_error_body(server, client, body, statu
     assert err["message"] and err["type"]
     ok = client.completions.create(model="tiny", prompt="hello", max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logit_bias_and_allowed_token_ids_over_http(client, offline):
+    params = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = offline.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(**params, logit_bias={42: 100.0}),
+                           use_tqdm=False)[0].outputs[0]
+    assert set(ref.token_ids) == {42}
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logit_bias={"42": 100},
+                                  logprobs=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == ref.text
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=1.0, logprobs=0,
+                                  extra_body={"ignore_eos": True, "allowed_token_ids": [7, 9]})
+    allowed = {offline.get_tokenizer().decode([t]) for t in (7, 9)}
+    assert set(r.choices[0].logprobs.tokens) <= allowed
+
+
+def test_max_tokens_that_cannot_fit_is_rejected_as_in_vllm(server):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": [5] * 20, "max_tokens": MAX_MODEL_LEN},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (f"'max_tokens' or 'max_completion_tokens' is too large: {MAX_MODEL_LEN}. "
+                                            f"This model's maximum context length is {MAX_MODEL_LEN} tokens and your "
+                                            f"request has 20 input tokens ({MAX_MODEL_LEN} > {MAX_MODEL_LEN} - 20)")
 
 
 def test_malformed_json_and_api_key(server):

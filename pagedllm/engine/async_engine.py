@@ -107,9 +107,10 @@ class AsyncLLMEngine:
         self._commands.put((fn, loop, fut))
         return await fut
 
-    async def add_request(self, prompt: PromptType, params: SamplingParams,
-                          request_id: str | None = None) -> RequestStream:
-        """Add a request (validation errors raise here, before any output) and return its output stream."""
+    async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
+                          check: Callable[[list[int]], None] | None = None) -> RequestStream:
+        """Add a request (validation errors raise here, before any output) and return its output stream.
+        `check`, if given, sees the prompt's token ids first; what it raises rejects the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(self, request_id)
         loop = asyncio.get_running_loop()
@@ -117,7 +118,10 @@ class AsyncLLMEngine:
         def add(engine: LLMEngine) -> None:
             self._streams[request_id] = (loop, stream.queue)
             try:
-                engine.add_request(prompt, params, request_id)
+                text, ids, _ = engine.processor.process(prompt, params)
+                if check is not None:
+                    check(ids)
+                engine.add_request({"prompt": text, "prompt_token_ids": ids}, params, request_id)
             except BaseException:
                 del self._streams[request_id]
                 raise

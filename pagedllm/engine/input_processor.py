@@ -85,6 +85,9 @@ class InputProcessor:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.cfg.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if any(not 0 <= t < self.cfg.vocab_size for t in params.token_ids_in_use()):
+            raise ValueError(f"stop_token_ids, logit_bias and allowed_token_ids must name token ids in "
+                             f"[0, {self.cfg.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "it must leave room for at least one generated token")

@@ -1,4 +1,5 @@
-"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds and logprobs, all on tensors.
+"""Batched sampling: allowed tokens, logit bias, penalties, temperature, top-k / top-p / min-p, seeds and logprobs,
+all on tensors.
 
 Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws from p
 exactly and lets a seeded request supply its own noise row from its own generator, so its output
@@ -33,6 +34,8 @@ class SamplingMetadata:
     output_tokens: torch.Tensor | None  # [B, L] padded with vocab_size
     prompt_tokens: torch.Tensor | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked out (min_tokens)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values) added (logit_bias)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids): those rows keep only these tokens
     generators: dict[int, torch.Generator]
     num_logprobs: int  # max top-k logprobs any row wants; -1 for none
 
@@ -48,6 +51,8 @@ class SamplingMetadata:
                 ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
                 banned_rows += [i] * len(ids)
                 banned_ids += sorted(ids)
+        bias = [(i, t, b) for i, p in enumerate(ps) for t, b in (p.logit_bias or {}).items()]
+        allowed = [(i, t) for i, p in enumerate(ps) for t in (p.allowed_token_ids or [])]
         return cls(
             temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, ps)], **f32),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
@@ -61,6 +66,8 @@ class SamplingMetadata:
             output_tokens=_pad([s.output_token_ids for s in seqs], vocab_size, device) if any_pen else None,
             prompt_tokens=_pad([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab_size, device) if any_pen else None,
             banned=(torch.tensor(banned_rows, device=device), torch.tensor(banned_ids, device=device)) if banned_rows else None,
+            bias=tuple(torch.tensor(c, device=device) for c in zip(*bias)) if bias else None,
+            allowed=tuple(torch.tensor(c, device=device) for c in zip(*allowed)) if allowed else None,
             generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy},
             num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
         )
@@ -97,6 +104,21 @@ def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
     return logits - m.presence.unsqueeze(1) * (out_counts > 0).float()
 
 
+def apply_allowed_and_bias(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    """Rows with allowed_token_ids keep only those tokens; logit_bias is added to its tokens' logits."""
+    if m.allowed is not None:
+        rows, ids = m.allowed
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[rows, ids] = True
+        restricted = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        restricted[rows] = True
+        logits = logits.masked_fill(restricted.unsqueeze(1) & ~keep, float("-inf"))
+    if m.bias is not None:
+        rows, ids, values = m.bias
+        logits = logits.index_put((rows, ids), values.to(logits.dtype), accumulate=True)
+    return logits
+
+
 def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
     """Mask (to -inf) every token outside the rows' top-k, top-p nucleus and min-p floor."""
     if m.min_p is not None:
@@ -123,9 +145,11 @@ class Sampler:
         self.seed = seed
 
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
-        if m.num_logprobs >= 0 or m.presence is not None or not m.all_greedy:
+        if m.num_logprobs >= 0 or m.presence is not None or m.bias is not None or not m.all_greedy:
             logits = logits.float()  # plain greedy needs only the argmax, the same in the model's dtype
         raw_logprobs = logits.log_softmax(-1) if m.num_logprobs >= 0 else None
+        if m.allowed is not None or m.bias is not None:  # before the penalties, as vLLM
+            logits = apply_allowed_and_bias(logits, m)
         if m.presence is not None:
             logits = apply_penalties(logits, m)
         if m.banned is not None:

@@ -42,6 +42,8 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -56,8 +58,17 @@ class SamplingFields(OpenAIModel):
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            **optional,
+            logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids, **optional,
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """Token ids from their string keys, biases clamped to [-100, 100] (as OpenAI and vLLM)."""
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(t): min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
 
 
 class CompletionRequest(SamplingFields):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -13,6 +14,8 @@ from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.streams import collect, merge, sse, unless_disconnected
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
 
 
 class APIError(Exception):
@@ -63,10 +66,20 @@ class OpenAIServing:
 
     @staticmethod
     def params(req: p.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if req.model_extra:  # accepted, as OpenAI and vLLM do, but said
+            logger.warning("The following fields were present in the request but ignored: %s", sorted(req.model_extra))
         try:
             return req.sampling_params(max_tokens, logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
+
+    def _check_max_tokens(self, prompt_len: int, params: SamplingParams) -> None:
+        """A max_tokens that cannot fit after the prompt is a 400, as in vLLM (offline, it just ends at the limit)."""
+        limit = self.sync.max_model_len
+        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
+            raise APIError(400, f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's "
+                                f"maximum context length is {limit} tokens and your request has {prompt_len} input "
+                                f"tokens ({params.max_tokens} > {limit} - {prompt_len})", param="max_tokens")
 
     def _decode(self, token: int) -> str:
         return self.sync.tokenizer.decode([token]) if self.sync.tokenizer is not None else str(token)
@@ -193,7 +206,8 @@ class OpenAIServing:
         streams: list[RequestStream] = []
         try:
             for prompt, rid in prompts:
-                streams.append(await self.engine.add_request(prompt, params, rid))
+                streams.append(await self.engine.add_request(prompt, params, rid,
+                                                             check=lambda ids: self._check_max_tokens(len(ids), params)))
         except BaseException as exc:
             for s in streams:
                 s.close()
