@@ -120,6 +120,7 @@ class EngineArgs:
     data_parallel_size: int = 1
     data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
     quantization: str | None = None
+    load_format: str = "auto"  # or "dummy": random weights, only the config is read (vLLM's name)
 
     def validate(self) -> None:
         positive = {
@@ -139,6 +140,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
             raise ValueError(f"data_parallel_routing must be least-loaded or prefix-affinity, got {self.data_parallel_routing!r}")
         if self.dtype != "auto":

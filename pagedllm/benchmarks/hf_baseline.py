@@ -10,10 +10,16 @@ from tqdm import tqdm
 from pagedllm.benchmarks.workloads import Workload
 
 
-def load_hf(folder: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_hf(folder: str, dtype: torch.dtype, device: torch.device, load_format: str = "auto"):
+    """The checkpoint in transformers; with load_format "dummy", a randomly initialised model of its config (only
+    the shapes matter for speed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if load_format == "dummy":
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval()
 
 
 @torch.inference_mode()

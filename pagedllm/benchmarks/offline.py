@@ -89,7 +89,7 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
     result["roofline_with_kv_reads"] = {"kv_read_seconds": kv_s, "max_output_tok_s": with_kv,
                                         "fraction": result["output_tok_s"] / with_kv}
     if ns.compare == "hf":
-        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns))
+        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns), ns.load_format)
         hf = {"static_batch_16_s": hf_baseline.static_batches(model, w)}
         if not ns.skip_hf_continuous:
             hf["generate_batch_s"] = hf_baseline.continuous_batching(model, w)
@@ -179,7 +179,8 @@ def cmd_latency(ns: argparse.Namespace) -> None:
     if ns.compare == "hf":
         folder = engine.model_path
         del llm, engine
-        hf = hf_baseline.single_request_tpot(hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns)), prompt, n)
+        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns), ns.load_format)
+        hf = hf_baseline.single_request_tpot(model, prompt, n)
         hf["decode_tok_s"] = 1 / hf["tpot_s"]
         result["hf"] = hf
         print(f"  HF generate batch 1: TTFT {1000 * hf['ttft_s']:.1f} ms, {hf['decode_tok_s']:.1f} tok/s -> pagedllm "

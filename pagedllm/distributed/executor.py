@@ -160,7 +160,7 @@ class TensorParallelExecutor(SpawnedRanks):
                                  lambda rank: f"pagedllm-tp{rank}")
         dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT)
         set_tp_group(TPGroup(0, world, dist.group.WORLD))
-        self.runner = ModelRunner(cfg, folder, dtype, self.device, args.seed, args.quantization)
+        self.runner = ModelRunner.for_engine(args, cfg, folder, dtype, self.device)
         self.rank_weight_bytes = self._gather_int(self.runner.weight_bytes)
         self._alive = True
         atexit.register(self.shutdown)
@@ -215,7 +215,7 @@ def worker_main(rank: int, world: int, init: str, args: EngineArgs, cfg: ModelCo
     set_tp_group(TPGroup(rank, world, dist.group.WORLD))
     local = _rank_device(device, rank)
     comm = local if local.type == "cuda" else torch.device("cpu")
-    runner = ModelRunner(cfg, folder, dtype, local, args.seed, args.quantization)
+    runner = ModelRunner.for_engine(args, cfg, folder, dtype, local)
     sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([runner.weight_bytes], device=comm))
     try:
@@ -271,5 +271,5 @@ def make_executor(args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.
 
         return PipelineExecutor(args, cfg, folder, dtype, device)
     if args.tensor_parallel_size == 1:
-        return LocalExecutor(ModelRunner(cfg, folder, dtype, device, args.seed, args.quantization))
+        return LocalExecutor(ModelRunner.for_engine(args, cfg, folder, dtype, device))
     return TensorParallelExecutor(args, cfg, folder, dtype, device)

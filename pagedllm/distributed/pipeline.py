@@ -86,7 +86,7 @@ class PipelineExecutor(SpawnedRanks):
                                  lambda rank: f"pagedllm-pp{rank // grid.tp}-tp{rank % grid.tp}")
         grid.join(0, init, _backend(device))
         self.device = _rank_device(device, 0)  # NCCL sends device tensors; gloo, CPU ones
-        self.runner = ModelRunner(cfg, folder, dtype, self.device, args.seed, args.quantization, grid.stage(cfg, 0))
+        self.runner = ModelRunner.for_engine(args, cfg, folder, dtype, self.device, grid.stage(cfg, 0))
         self.times: list[tuple[float, float]] = []  # stage 0's busy intervals
         self.busy = [0.0] * grid.pp  # every stage's busy seconds so far, as the last finished batch reported them
         self.started: float | None = None
@@ -188,7 +188,7 @@ def stage_main(rank: int, grid: Grid, init: str, args: EngineArgs, cfg: ModelCon
     prev = grid.rank(stage_index - 1, tp_rank) if not stage.first else None
     nxt = grid.rank(stage_index + 1, tp_rank) if not stage.last else None
     reports = tp_rank == 0  # one rank per stage reports busy times and returns the logits
-    runner = ModelRunner(cfg, folder, dtype, dev, args.seed, args.quantization, stage)
+    runner = ModelRunner.for_engine(args, cfg, folder, dtype, dev, stage)
     times: list[tuple[float, float]] = []
     try:
         while True:

@@ -31,7 +31,7 @@ logger = logging.getLogger("pagedllm")
 def engine_setup(args: EngineArgs) -> tuple[ModelConfig, str, torch.dtype, torch.device]:
     """What every rank derives from the engine arguments: model facts, checkpoint folder, dtype, device."""
     args.validate()
-    folder = resolve_model(args.model)
+    folder = resolve_model(args.model, args.load_format)
     cfg = ModelConfig.from_folder(folder)
     check_tensor_parallel(cfg, args.tensor_parallel_size)
     partition_layers(cfg.num_layers, args.pipeline_parallel_size, args.pipeline_partition)  # raises if it cannot split

@@ -9,8 +9,13 @@ import sys
 
 from pagedllm.benchmarks.cli import add_bench_parser
 from pagedllm.distributed.executor import launched_by_torchrun, run_torchrun_worker
-from pagedllm.entrypoints.cli_args import add_engine_args, add_sampling_args, engine_args_from, sampling_params_from
-from pagedllm.entrypoints.openai.api_server import add_serve_parser
+from pagedllm.entrypoints.cli_args import (
+    add_engine_args,
+    add_sampling_args,
+    add_serve_args,
+    engine_args_from,
+    sampling_params_from,
+)
 from pagedllm.entrypoints.plan import add_plan_parser
 
 
@@ -66,6 +71,12 @@ def cmd_chat(ns: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": out.outputs[0].text})
 
 
+def cmd_serve(ns: argparse.Namespace) -> None:
+    from pagedllm.entrypoints.openai.api_server import cmd_serve as serve  # the server's libraries only when serving
+
+    serve(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="LLM inference and serving with a paged KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     add_plan_parser(sub)
-    add_serve_parser(sub)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
     return parser
 

@@ -52,6 +52,20 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
                    help="how requests are spread over data-parallel replicas")
     g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights from the model's config alone (a checkpoint folder, or a built-in "
+                        "name such as qwen3-0.6b), for benchmarks of model shapes with no weights at hand")
+
+
+def add_serve_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--log-level", default="info")
+    add_engine_args(s)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -64,6 +78,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
         data_parallel_size=ns.data_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
         data_parallel_routing=ns.data_parallel_routing, pipeline_partition=ns.pipeline_partition,
+        load_format=ns.load_format,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import EngineArgs, ModelConfig
 from pagedllm.engine.scheduler import ScheduledSeq
 from pagedllm.engine.sequence import Sequence
 from pagedllm.kernels import native_attention_supported, native_ops_enabled
@@ -20,9 +20,9 @@ from pagedllm.platform import advise_huge_pages, move_to_huge_pages
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 quantization: str | None = None, stage: Stage | None = None):
+                 quantization: str | None = None, stage: Stage | None = None, load_format: str = "auto"):
         self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.model = build_model(cfg, folder, dtype, device, quantization, stage)
+        self.model = build_model(cfg, folder, dtype, device, quantization, stage, load_format, seed)
         move_to_huge_pages(self.model)  # its CPU parameters; a no-op on other devices
         if native_ops_enabled(device, dtype):
             enable_native_ops(self.model)
@@ -30,6 +30,12 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
+
+    @classmethod
+    def for_engine(cls, args: EngineArgs, cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device,
+                   stage: Stage | None = None) -> ModelRunner:
+        """The runner every executor builds for its rank or stage from the engine arguments."""
+        return cls(cfg, folder, dtype, device, args.seed, args.quantization, stage, args.load_format)
 
     @property
     def weight_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 
 from pagedllm.config import ModelConfig
@@ -71,8 +72,23 @@ def model_config_for(model: str | None) -> ModelConfig:
     return ModelConfig.from_hf_dict(config, name=config["_name_or_path"] or os.path.basename(gguf_path))
 
 
-def resolve_model(model: str | None) -> str:
-    """Return a HF-style folder (config.json, safetensors, tokenizer) for `model`."""
+def _builtin_folder(name: str) -> str:
+    """A folder holding only the built-in config.json of `name` (enough for random weights)."""
+    folder = os.path.join(cache_dir(), "builtin", name.lower())
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(builtin_config(name), f, indent=2)
+        os.replace(path + ".tmp", path)  # whole or absent, should another process read it meanwhile
+    return folder
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> str:
+    """Return a HF-style folder (config.json, safetensors, tokenizer) for `model`; with load_format "dummy",
+    a built-in name gives a folder with its config alone."""
+    if load_format == "dummy" and model and builtin_config(model) is not None:
+        return _builtin_folder(model)
     gguf_path = _gguf_source(model)
     if gguf_path is not None:
         return _converted_folder(gguf_path)
@@ -82,6 +98,6 @@ def resolve_model(model: str | None) -> str:
         return model
     raise ValueError(
         f"model {model!r} not found: pass a local Hugging Face checkpoint folder or a .gguf file "
-        f"(or, for `plan`, one of {', '.join(BUILTIN_NAMES)}) "
+        f"(or, for `plan` and `--load-format dummy`, one of {', '.join(BUILTIN_NAMES)}) "
         "(pagedllm never downloads from a hub), or omit it for the embedded SmolLM2-135M-Instruct"
     )

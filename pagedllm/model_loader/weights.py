@@ -59,9 +59,19 @@ def load_weights(model: DecoderForCausalLM, folder: str) -> None:
         raise ValueError(f"checkpoint {folder} lacks weights for: {', '.join(missing[:5])}")
 
 
+def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
+    """Random weights (uniform in [low, high], as vLLM's dummy format), the same for the same seed and shapes."""
+    for name, param in model.named_parameters():
+        g = torch.Generator(device=param.device)
+        g.manual_seed(seed + sum(map(ord, name)))
+        param.data.uniform_(low, high, generator=g)
+
+
 def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device,
-                quantization: str | None = None, stage: Stage | None = None) -> DecoderForCausalLM:
-    """Allocate the model directly in the target dtype and device, then load weights in place."""
+                quantization: str | None = None, stage: Stage | None = None, load_format: str = "auto",
+                seed: int = 0) -> DecoderForCausalLM:
+    """Allocate the model directly in the target dtype and device, then load weights in place (or, with load_format
+    "dummy", fill them with random values)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -69,7 +79,10 @@ def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch
             model = DecoderForCausalLM(cfg, stage)
     finally:
         torch.set_default_dtype(default_dtype)
-    load_weights(model, folder)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, folder)
     if quantization == "int8":
         model.quantize_int8_()
     return model.eval()

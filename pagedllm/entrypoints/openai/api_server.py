@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.entrypoints.cli_args import add_engine_args, engine_args_from
+from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.serving import APIError, OpenAIServing
 from pagedllm.metrics import Metrics
@@ -135,19 +135,6 @@ def build_app(engine: LLMEngine | Callable[[], LLMEngine], served_model_name: st
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def add_serve_parser(sub) -> None:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--log-level", default="info")
-    add_engine_args(s)
-    s.set_defaults(func=cmd_serve)
 
 
 class GracefulServer(uvicorn.Server):

@@ -1,0 +1,44 @@
+"""load_format="dummy" (vLLM's name): random weights from a config alone, for benchmarks of model shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineArgs
+from pagedllm.memory.catalog import builtin_config
+from pagedllm.model_loader.resolve import resolve_model
+from tests.helpers import assert_pool_empty
+
+
+def _config_only(src: str, dst: str) -> str:
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    return dst
+
+
+def test_dummy_weights_need_no_checkpoint_and_follow_the_seed(tiny_models, tmp_path):
+    folder = _config_only(tiny_models["qwen3"], str(tmp_path / "config-only"))
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(folder, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engines = [LLM(folder, load_format="dummy", dtype="float32", seed=seed, max_model_len=128) for seed in (0, 0, 1)]
+    weights = [next(e.engine.runner.model.parameters()) for e in engines]
+    assert weights[0].abs().max() <= 1e-3 and weights[0].equal(weights[1]) and not weights[0].equal(weights[2])
+    out = engines[0].generate({"prompt_token_ids": [3, 4, 5]}, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(out) == 8
+    assert_pool_empty(engines[0])
+
+def test_builtin_name_resolves_to_its_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path))
+    folder = resolve_model("qwen3-0.6b", "dummy")
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f) == builtin_config("qwen3-0.6b")
+    with pytest.raises(ValueError, match="load-format dummy"):
+        resolve_model("qwen3-0.6b")  # real weights of a built-in name are nowhere on disk
+    with pytest.raises(ValueError, match="load_format"):
+        EngineArgs(load_format="npcache").validate()
