@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PAGEDLLM_CACHE=/tmp/pagedllm-cache PAGEDLLM_TEST_TOKENIZER=$PWD/.gpu/tokenizer
 PY=${PY:-python3}
 if [ "${GPU_DRY_RUN:-0}" = 1 ]; then
-  DEV=cpu N=4 LEN="32 64"; TESTS=tests/test_dummy_weights.py
+  DEV=cpu N=4 LEN="32 64"; TESTS=tests/test_model_loader.py
 else
   DEV=cuda N=256 LEN="100 1024"; TESTS=tests/test_cuda.py
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"

@@ -30,10 +30,16 @@ def embedded_gguf_path() -> str:
 
 
 def _cache_folder(gguf_path: str) -> str:
-    st = os.stat(gguf_path)
-    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Where the file's conversion lives, named by its content (size, first and last MiB): a reinstall of the same
+    file, or a copy elsewhere, finds the earlier conversion instead of adding another half-GiB folder."""
+    size = os.path.getsize(gguf_path)
+    digest = hashlib.sha1(str(size).encode())
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_dir(), "gguf", f"{stem}-{key}")
+    return os.path.join(cache_dir(), "gguf", f"{stem}-{digest.hexdigest()[:12]}")
 
 
 def _converted_folder(gguf_path: str) -> str:

@@ -1,4 +1,5 @@
-"""load_format="dummy" (vLLM's name): random weights from a config alone, for benchmarks of model shapes."""
+"""Finding a model's files (GGUF conversions cached by content) and load_format="dummy" (vLLM's name): random
+weights from a config alone, for benchmarks of model shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineArgs
 from pagedllm.memory.catalog import builtin_config
-from pagedllm.model_loader.resolve import resolve_model
+from pagedllm.model_loader.resolve import _cache_folder, resolve_model
 from tests.helpers import assert_pool_empty
 
 
@@ -42,3 +43,14 @@ def test_builtin_name_resolves_to_its_config(tmp_path, monkeypatch):
         resolve_model("qwen3-0.6b")  # real weights of a built-in name are nowhere on disk
     with pytest.raises(ValueError, match="load_format"):
         EngineArgs(load_format="npcache").validate()
+
+
+def test_gguf_conversion_is_cached_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))
+    data = os.urandom(3 << 20)
+    a, b, c = (tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf")
+    for path, content in ((a, data), (b, data), (c, data[:-1] + bytes([data[-1] ^ 1]))):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    assert _cache_folder(str(a)) == _cache_folder(str(b))  # a reinstall or a copy reuses the conversion
+    assert _cache_folder(str(a)) != _cache_folder(str(c))
