@@ -25,8 +25,9 @@ def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
     return torch.cat(out)
 
 
-# (queries, context) per sequence: decodes, a fresh prompt, chunks after a cached prefix, tile edges
-SEQS = [(1, 1), (1, 17), (1, 333), (40, 40), (16, 16), (17, 50), (5, 100), (33, 33)]
+# (queries, context) per sequence: decodes, a fresh prompt, chunks after a cached prefix, tile edges, a chunk
+# spanning several key tiles of the prompt path
+SEQS = [(1, 1), (1, 17), (1, 333), (40, 40), (16, 16), (17, 50), (5, 100), (33, 33), (130, 300)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])

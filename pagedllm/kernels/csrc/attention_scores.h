@@ -108,44 +108,58 @@ PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
     }
   }
 }
-// Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but 16 keys are transposed as
-// pairs of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for
-// them are D / 2 pairwise bf16 dot products with its broadcast query pair, half the instructions of fp32
-// FMAs and no conversion of the keys. q[r] is row r's query in bf16, unscaled; q has kRowBlock zero rows
-// past its end.
+// Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but keys are transposed as pairs
+// of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for them are
+// D / 2 pairwise bf16 dot products with its broadcast query pair: half the instructions of fp32 FMAs and no
+// conversion of the keys. A register tile of kRowBlock rows x kKeyTile keys (16 accumulators) loads each
+// transposed key vector once for all its rows and each query pair once for all its keys: with one vector of
+// 16 keys per tile, the loads (five per four dot products) held the dot products back. q[r] is row r's query
+// in bf16, unscaled; q has kRowBlock zero rows past its end.
 template <int64_t D>
 PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
     const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
-  constexpr int64_t P = D / 2;  // dimension pairs per key
-  alignas(64) uint32_t kt[P * 16];
+  constexpr int64_t P = D / 2;            // dimension pairs per key
+  constexpr int64_t kVecs = 4;            // 16-key vectors per tile
+  constexpr int64_t kKeyTile = 16 * kVecs;
+  alignas(64) uint32_t kt[P * kKeyTile];  // kt[p * kKeyTile + j]
   const int64_t rows = t.rows, keys = t.keys;
-  for (int64_t j0 = 0; j0 < keys; j0 += 16) {
-    const int64_t nk = std::min<int64_t>(16, keys - j0);
-    const uint32_t* k[16];
-    for (int64_t i = 0; i < 16; ++i)  // past the end: repeat the last key (its score is not stored)
-      k[i] = reinterpret_cast<const uint32_t*>(t.row(t.k_head, j0 + std::min(i, nk - 1)));
-    for (int64_t c = 0; c < P; c += 16) {  // 16 x 16 32-bit transposes
-      const __mmask16 cols = P - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - c)) - 1);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(cols, k[i] + c));
-      transpose16(r);
-      for (int64_t i = 0; i < std::min<int64_t>(16, P - c); ++i) _mm512_store_ps(kt + (c + i) * 16, r[i]);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < keys; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, keys - j0);
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const uint32_t* k[16];
+      for (int64_t i = 0; i < 16; ++i)  // past the end: repeat the last key (its score is not stored)
+        k[i] = reinterpret_cast<const uint32_t*>(t.row(t.k_head, j0 + std::min(16 * v + i, nk - 1)));
+      for (int64_t c = 0; c < P; c += 16) {  // 16 x 16 32-bit transposes
+        const __mmask16 cols = P - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (P - c)) - 1);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(cols, k[i] + c));
+        transpose16(r);
+        for (int64_t i = 0; i < std::min<int64_t>(16, P - c); ++i) _mm512_store_ps(kt + (c + i) * kKeyTile + 16 * v, r[i]);
+      }
     }
     for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
-      __m512 acc[kRowBlock];
+      __m512 acc[kRowBlock][kVecs];
       const uint32_t* qp[kRowBlock];
       for (int64_t i = 0; i < kRowBlock; ++i) {
-        acc[i] = _mm512_setzero_ps();
         qp[i] = reinterpret_cast<const uint32_t*>(q[r0 + i]);
+        for (int64_t v = 0; v < kVecs; ++v) acc[i][v] = _mm512_setzero_ps();
       }
       for (int64_t p = 0; p < P; ++p) {
-        const __m512bh kd = (__m512bh)_mm512_load_si512(kt + p * 16);
-        for (int64_t i = 0; i < kRowBlock; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], kd, (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[i][p])));
+        __m512bh kd[kVecs];
+        for (int64_t v = 0; v < kVecs; ++v) kd[v] = (__m512bh)_mm512_load_si512(kt + p * kKeyTile + 16 * v);
+        for (int64_t i = 0; i < kRowBlock; ++i) {
+          const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[i][p]));
+          for (int64_t v = 0; v < kVecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], kd[v], qb);
+        }
       }
       for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i)
-        _mm512_mask_storeu_ps(scores + (r0 + i) * keys + j0, static_cast<__mmask16>((1u << nk) - 1),
-                              _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+        for (int64_t v = 0; v < kVecs && 16 * v < nk; ++v) {
+          const int64_t left = nk - 16 * v;
+          _mm512_mask_storeu_ps(scores + (r0 + i) * keys + j0 + 16 * v,
+                                left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1),
+                                _mm512_mul_ps(acc[i][v], vscale));
+        }
     }
   }
 }

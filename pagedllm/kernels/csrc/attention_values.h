@@ -7,6 +7,7 @@
 #include "cpu_vec.h"
 #include "ops.h"
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -105,27 +106,34 @@ PAGEDLLM_BF16_DOT void values_by_bf16_pairs(const TaskView<at::BFloat16, D>& t, 
 }
 
 // Many rows (values_by_chunks in bf16): 32 keys' value rows interleaved once for all rows, each row's sums
-// (in the unpacks' order) kept in `sums` between chunks.
+// (in the unpacks' order) kept in `sums` between chunks. A block of R rows goes through the chunk together
+// (R x kSums accumulators, at most 16), so each interleaved value vector is loaded once for all of them:
+// row by row, the loads (five per four dot products) held the dot products back.
 template <int64_t D, typename Dest>
 PAGEDLLM_BF16_DOT void values_by_bf16_pair_chunks(const TaskView<at::BFloat16, D>& t, const float* probs,
                                                   std::vector<float>& sums, Dest&& dest) {
   using P = Bf16Pairs<D>;
   constexpr int64_t W = P::kSums * 16;  // floats of sums per row
+  constexpr int64_t R = std::max<int64_t>(1, 16 / P::kSums);
   __m512i vt[16][P::kSums];
-  sums.assign(t.rows * W, 0.f);
+  sums.assign((t.rows + R) * W, 0.f);  // R rows of slack: a block past the last row computes on zero pairs
   for (int64_t j0 = 0; j0 < t.keys; j0 += 32) {
     const int64_t n = std::min<int64_t>(32, t.keys - j0);
     for (int64_t i = 0; i < n; i += 2) {
       const at::BFloat16* v0 = t.row(t.v_head, j0 + i);
       P::interleave(v0, i + 1 < n ? v0 + D : v0, vt[i / 2]);
     }
-    for (int64_t r = t.first_row_seeing(j0); r < t.rows; ++r) {  // probabilities past a row's end are zero
-      uint32_t pairs[16];
-      P::pairs(probs + r * t.keys + j0, n, pairs);
-      __m512 acc[P::kSums];
-      for (int64_t c = 0; c < P::kSums; ++c) acc[c] = _mm512_loadu_ps(sums.data() + r * W + c * 16);
-      for (int64_t i = 0; i < n; i += 2) P::add(acc, vt[i / 2], pairs[i / 2]);
-      for (int64_t c = 0; c < P::kSums; ++c) _mm512_storeu_ps(sums.data() + r * W + c * 16, acc[c]);
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < t.rows; r0 += R) {  // probabilities past a row's end are zero
+      uint32_t pairs[R][16] = {};
+      __m512 acc[R][P::kSums];
+      for (int64_t i = 0; i < R; ++i) {
+        if (r0 + i < t.rows) P::pairs(probs + (r0 + i) * t.keys + j0, n, pairs[i]);
+        for (int64_t c = 0; c < P::kSums; ++c) acc[i][c] = _mm512_loadu_ps(sums.data() + (r0 + i) * W + c * 16);
+      }
+      for (int64_t k = 0; k < (n + 1) / 2; ++k)
+        for (int64_t i = 0; i < R; ++i) P::add(acc[i], vt[k], pairs[i][k]);
+      for (int64_t i = 0; i < R; ++i)
+        for (int64_t c = 0; c < P::kSums; ++c) _mm512_storeu_ps(sums.data() + (r0 + i) * W + c * 16, acc[i][c]);
     }
   }
   for (int64_t r = 0; r < t.rows; ++r) {
