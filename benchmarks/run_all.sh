@@ -14,6 +14,8 @@ $B bench latency --max-model-len 1024 --quantization int8 --output-json $R/laten
 # single request at a long context (attention's share grows; few decodes split their keys over the threads)
 $B bench latency --max-model-len 4096 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
 $B bench int8 --output-json $R/int8_quality.json
+# the brief's model family: one request on Qwen3-0.6B shapes with random weights (no checkpoint needed)
+$B bench latency --model qwen3-0.6b --load-format dummy --max-model-len 1024 --compare hf --output-json $R/latency_qwen3_0.6b_dummy.json
 # prefix caching: 32 requests sharing a 1,000-token system prompt
 $B bench throughput --max-model-len 2048 --num-prompts 32 --shared-prefix-len 1000 --input-len 16 64 --output-len 32 32 --output-json $R/shared_prefix_cache_on.json
 $B bench throughput --max-model-len 2048 --num-prompts 32 --shared-prefix-len 1000 --input-len 16 64 --output-len 32 32 --no-enable-prefix-caching --output-json $R/shared_prefix_cache_off.json
