@@ -6,12 +6,13 @@ latency histograms are observed once per finished request.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 _GAUGES = {
@@ -62,21 +63,39 @@ class Metrics:
         self.registry.register(_EngineCollector(engine, self.labels))
         names = list(self.labels)
 
-        def hist(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, names, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        def hist(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, names, buckets=buckets, registry=self.registry)
 
         self.ttft = hist("pagedllm:time_to_first_token_seconds", "Time to first token")
         self.tpot = hist("pagedllm:time_per_output_token_seconds", "Mean time per output token after the first")
         self.e2e = hist("pagedllm:e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = hist("pagedllm:request_queue_time_seconds", "Time from arrival to first scheduled")
+        self.prefill = hist("pagedllm:request_prefill_time_seconds", "Time from first scheduled to first token")
+        self.decode = hist("pagedllm:request_decode_time_seconds", "Time from first token to last token")
+        self.prompt_tokens = hist("pagedllm:request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
+        self.generation_tokens = hist("pagedllm:request_generation_tokens", "Tokens generated per request (all samples)",
+                                      _TOKEN_BUCKETS)
+        self.success = Counter("pagedllm:request_success", "Finished requests by the reason their first sample ended",
+                               [*names, "finished_reason"], registry=self.registry)
 
     def observe_finished(self, out: RequestOutput) -> None:
-        m = out.metrics
-        if m is None or m.first_token_time is None:
-            return
         values = list(self.labels.values())
+        self.success.labels(*values, out.outputs[0].finish_reason if out.outputs else "error").inc()
+        self.prompt_tokens.labels(*values).observe(len(out.prompt_token_ids))
+        self.generation_tokens.labels(*values).observe(sum(len(c.token_ids) for c in out.outputs))
+        m = out.metrics
+        if m is None:
+            return
+        if m.first_scheduled_time is not None:
+            self.queue.labels(*values).observe(m.first_scheduled_time - m.arrival_time)
+        if m.first_token_time is None:
+            return
         self.ttft.labels(*values).observe(m.first_token_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.prefill.labels(*values).observe(m.first_token_time - m.first_scheduled_time)
         generated = max(len(c.token_ids) for c in out.outputs)
         if generated > 1 and m.last_token_time is not None:
             self.tpot.labels(*values).observe((m.last_token_time - m.first_token_time) / (generated - 1))
+            self.decode.labels(*values).observe(m.last_token_time - m.first_token_time)
         if m.finished_time is not None:
             self.e2e.labels(*values).observe(m.finished_time - m.arrival_time)

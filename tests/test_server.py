@@ -232,9 +232,13 @@ def test_metrics_exposed(server, client):
                  "pagedllm:num_preemptions_total", "pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
                  "pagedllm:prefix_cache_queries_total", "pagedllm:prefix_cache_hits_total",
                  "pagedllm:time_to_first_token_seconds_bucket", "pagedllm:time_per_output_token_seconds_count",
-                 "pagedllm:e2e_request_latency_seconds_sum"):
+                 "pagedllm:e2e_request_latency_seconds_sum", "pagedllm:request_queue_time_seconds_bucket",
+                 "pagedllm:request_prefill_time_seconds_count", "pagedllm:request_decode_time_seconds_sum",
+                 "pagedllm:request_generation_tokens_bucket"):
         assert name in text, name
     assert _metric(base, "pagedllm:generation_tokens_total") > 0
+    assert _metric(base, "pagedllm:request_prompt_tokens_count") > 0
+    assert 'finished_reason="length"' in text  # pagedllm:request_success_total, by finish reason
 
 
 def test_sigterm_shuts_down_gracefully(server):
