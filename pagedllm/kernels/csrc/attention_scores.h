@@ -111,15 +111,15 @@ PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
 // Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but keys are transposed as pairs
 // of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for them are
 // D / 2 pairwise bf16 dot products with its broadcast query pair: half the instructions of fp32 FMAs and no
-// conversion of the keys. A register tile of kRowBlock rows x kKeyTile keys (16 accumulators) loads each
+// conversion of the keys. A register tile of kRowBlock rows x kKeyTile keys (kTileAccumulators) loads each
 // transposed key vector once for all its rows and each query pair once for all its keys: with one vector of
 // 16 keys per tile, the loads (five per four dot products) held the dot products back. q[r] is row r's query
 // in bf16, unscaled; q has kRowBlock zero rows past its end.
 template <int64_t D>
 PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
     const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
-  constexpr int64_t P = D / 2;            // dimension pairs per key
-  constexpr int64_t kVecs = 4;            // 16-key vectors per tile
+  constexpr int64_t P = D / 2;  // dimension pairs per key
+  constexpr int64_t kVecs = kKeyVecs;  // 16-key vectors per tile
   constexpr int64_t kKeyTile = 16 * kVecs;
   alignas(64) uint32_t kt[P * kKeyTile];  // kt[p * kKeyTile + j]
   const int64_t rows = t.rows, keys = t.keys;
@@ -165,27 +165,36 @@ PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
 }
 #endif
 
-// Many rows (prompt tiles): kLanes keys at a time, transposed once into kt[d][j], so each row's scores for
-// them are D broadcast FMAs (a small matrix product, kRowBlock rows in flight) with no horizontal sums.
-// qf has kRowBlock zero rows past its end.
+// Many rows (prompt tiles): a tile of keys transposed once into kt[d][j], so each row's scores for them are D
+// broadcast FMAs (a small matrix product) with no horizontal sums. kRowBlock rows x kKeyVecs key vectors are
+// in registers at once, so each loaded key vector serves all the rows and each broadcast query value all the
+// keys (as the bf16 kernel above). qf has kRowBlock zero rows past its end.
 template <typename T, int64_t D>
 void scores_by_transposed_keys(const TaskView<T, D>& t, const float* qf, float* scores) {
-  float kt[D * kLanes];
+  constexpr int64_t kKeyTile = kKeyVecs * kLanes;
+  float kt[D * kKeyTile];
   const int64_t rows = t.rows, keys = t.keys;
-  for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
-    const int64_t nk = std::min(kLanes, keys - j0);
-    for (int64_t jj = 0; jj < kLanes; ++jj) {
+  for (int64_t j0 = 0; j0 < keys; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, keys - j0);
+    for (int64_t jj = 0; jj < kKeyTile; ++jj) {
       const T* k = t.row(t.k_head, j0 + std::min(jj, nk - 1));  // past the end: repeat the last key (unused)
-      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + jj] = static_cast<float>(k[d]);
+      for (int64_t d = 0; d < D; ++d) kt[d * kKeyTile + jj] = static_cast<float>(k[d]);
     }
     for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
-      Vec acc[kRowBlock];
-      for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = Vec(0.f);
+      Vec acc[kRowBlock][kKeyVecs];
+      for (int64_t i = 0; i < kRowBlock; ++i)
+        for (int64_t v = 0; v < kKeyVecs; ++v) acc[i][v] = Vec(0.f);
       for (int64_t d = 0; d < D; ++d) {
-        const Vec kd = Vec::loadu(kt + d * kLanes);
-        for (int64_t i = 0; i < kRowBlock; ++i) acc[i] = at::vec::fmadd(Vec(qf[(r0 + i) * D + d]), kd, acc[i]);
+        Vec kd[kKeyVecs];
+        for (int64_t v = 0; v < kKeyVecs; ++v) kd[v] = Vec::loadu(kt + d * kKeyTile + v * kLanes);
+        for (int64_t i = 0; i < kRowBlock; ++i) {
+          const Vec qd(qf[(r0 + i) * D + d]);
+          for (int64_t v = 0; v < kKeyVecs; ++v) acc[i][v] = at::vec::fmadd(qd, kd[v], acc[i][v]);
+        }
       }
-      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i) acc[i].store(scores + (r0 + i) * keys + j0, nk);
+      for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i)
+        for (int64_t v = 0; v < kKeyVecs && v * kLanes < nk; ++v)
+          acc[i][v].store(scores + (r0 + i) * keys + j0 + v * kLanes, std::min(kLanes, nk - v * kLanes));
     }
   }
 }

@@ -4,6 +4,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_vec.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -13,6 +15,7 @@ namespace pagedllm::cpu {
 constexpr int64_t kTile = 32;           // query tokens per task
 constexpr int64_t kTransposeRows = 8;   // from this many rows per task, scores use transposed keys
 constexpr int64_t kRowBlock = 4;        // rows scored together (independent accumulators)
+constexpr int64_t kKeyVecs = kTileAccumulators / kRowBlock;  // key vectors scored together, for kRowBlock rows
 constexpr int64_t kTasksPerThread = 4;  // fewer tasks than this per thread: split decodes into pieces of keys
 constexpr int64_t kMinPieceKeys = 128;  // ... of at least this many keys
 

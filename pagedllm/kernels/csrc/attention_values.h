@@ -107,14 +107,14 @@ PAGEDLLM_BF16_DOT void values_by_bf16_pairs(const TaskView<at::BFloat16, D>& t, 
 
 // Many rows (values_by_chunks in bf16): 32 keys' value rows interleaved once for all rows, each row's sums
 // (in the unpacks' order) kept in `sums` between chunks. A block of R rows goes through the chunk together
-// (R x kSums accumulators, at most 16), so each interleaved value vector is loaded once for all of them:
+// (R x kSums accumulators, at most kTileAccumulators), so each interleaved value vector is loaded once for all of them:
 // row by row, the loads (five per four dot products) held the dot products back.
 template <int64_t D, typename Dest>
 PAGEDLLM_BF16_DOT void values_by_bf16_pair_chunks(const TaskView<at::BFloat16, D>& t, const float* probs,
                                                   std::vector<float>& sums, Dest&& dest) {
   using P = Bf16Pairs<D>;
   constexpr int64_t W = P::kSums * 16;  // floats of sums per row
-  constexpr int64_t R = std::max<int64_t>(1, 16 / P::kSums);
+  constexpr int64_t R = std::max<int64_t>(1, kTileAccumulators / P::kSums);
   __m512i vt[16][P::kSums];
   sums.assign((t.rows + R) * W, 0.f);  // R rows of slack: a block past the last row computes on zero pairs
   for (int64_t j0 = 0; j0 < t.keys; j0 += 32) {
@@ -171,12 +171,14 @@ void values_of_few_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest
   }
 }
 
-// Many rows: kLanes value rows at a time, converted to fp32 once for all rows, added into fp32 sums.
+// Many rows: kLanes value rows at a time, converted to fp32 once for all rows, added into fp32 sums. A block of
+// R rows goes through them together (R x C accumulators), so each value vector is loaded once for all R.
 template <typename T, int64_t D, typename Dest>
 void values_by_chunks(const TaskView<T, D>& t, const float* probs, std::vector<float>& sums, Dest&& dest) {
   constexpr int64_t C = D / kLanes;
+  constexpr int64_t R = std::max<int64_t>(1, kTileAccumulators / C);
   float vt[kLanes * D];
-  sums.assign(t.rows * D, 0.f);
+  sums.assign((t.rows + R) * D, 0.f);  // R rows of slack: a block past the last row adds zero probabilities
   float* sum = sums.data();
   const int64_t rows = t.rows, keys = t.keys;
   for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
@@ -185,16 +187,21 @@ void values_by_chunks(const TaskView<T, D>& t, const float* probs, std::vector<f
       const T* v = t.row(t.v_head, j0 + jj);
       for (int64_t c = 0; c < C; ++c) load_float(v + c * kLanes).store(vt + jj * D + c * kLanes);
     }
-    for (int64_t r = t.first_row_seeing(j0); r < rows; ++r) {  // probabilities past a row's end are zero
-      float* sr = sum + r * D;
-      const float* pr = probs + r * keys + j0;
-      Vec acc[C];
-      for (int64_t c = 0; c < C; ++c) acc[c] = Vec::loadu(sr + c * kLanes);
+    for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += R) {  // probabilities past a row's end are zero
+      const int64_t nr = std::min(R, rows - r0);
+      Vec acc[R][C];
+      for (int64_t i = 0; i < R; ++i)
+        for (int64_t c = 0; c < C; ++c) acc[i][c] = Vec::loadu(sum + (r0 + i) * D + c * kLanes);
       for (int64_t jj = 0; jj < nk; ++jj) {
-        const Vec p(pr[jj]);
-        for (int64_t c = 0; c < C; ++c) acc[c] = at::vec::fmadd(p, Vec::loadu(vt + jj * D + c * kLanes), acc[c]);
+        Vec vv[C];
+        for (int64_t c = 0; c < C; ++c) vv[c] = Vec::loadu(vt + jj * D + c * kLanes);
+        for (int64_t i = 0; i < R; ++i) {
+          const Vec p(i < nr ? probs[(r0 + i) * keys + j0 + jj] : 0.f);
+          for (int64_t c = 0; c < C; ++c) acc[i][c] = at::vec::fmadd(p, vv[c], acc[i][c]);
+        }
       }
-      for (int64_t c = 0; c < C; ++c) acc[c].store(sr + c * kLanes);
+      for (int64_t i = 0; i < R; ++i)
+        for (int64_t c = 0; c < C; ++c) acc[i][c].store(sum + (r0 + i) * D + c * kLanes);
     }
   }
   for (int64_t r = 0; r < rows; ++r) dest(r, sum + r * D);

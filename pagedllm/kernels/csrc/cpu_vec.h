@@ -25,6 +25,9 @@ namespace pagedllm::cpu {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+// fp32 accumulators a register tile may hold: half the vector registers (AVX-512 has 32, AVX2 16), the rest for
+// the operands
+constexpr int64_t kTileAccumulators = kLanes >= 16 ? 16 : 8;
 
 // kLanes values from p as fp32: fp32 as is, bf16 / fp16 converted, int8 (quantized weights) widened.
 template <typename T>
