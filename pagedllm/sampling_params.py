@@ -8,6 +8,24 @@ _GREEDY_EPS = 1e-5
 
 
 @dataclass
+class GuidedDecodingParams:
+    """One constraint on the output (vLLM's names): a JSON schema (dict or string), any JSON object, a regular
+    expression, or one of a list of strings."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "json_object") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"guided decoding takes exactly one of json, regex, choice, json_object; got {given or 'none'}")
+        if self.choice is not None and not all(isinstance(c, str) and c for c in self.choice):
+            raise ValueError("guided choices must be non-empty strings")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -28,6 +46,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # sample only among these
+    guided_decoding: GuidedDecodingParams | None = None  # structured output: JSON schema, regex, choice
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import signal
 import subprocess
@@ -134,6 +135,9 @@ def test_stop_n_logprobs_seed_as_offline(client, offline):
     ({"prompt": [5] * 20, "max_tokens": MAX_MODEL_LEN - 19}, 400),  # vLLM: "'max_tokens' ... is too large"
     ({"prompt": "hi", "logit_bias": {"not-a-token": 1}}, 400),
     ({"prompt": "hi", "logit_bias": {"1000000000": 1}}, 400),
+    ({"prompt": "hi", "guided_regex": "a+", "guided_choice": ["b"]}, 400),
+    ({"prompt": "hi", "guided_regex": "(unclosed"}, 400),
+    ({"prompt": "hi", "response_format": {"type": "json_schema"}}, 400),
     ({"prompt": "hi", "model": "gpt-4"}, 404),
 ])
 def test_bad_input_gets_status_and_openai_error_body(server, client, body, status):
@@ -158,6 +162,18 @@ def test_logit_bias_and_allowed_token_ids_over_http(client, offline):
                                   extra_body={"ignore_eos": True, "allowed_token_ids": [7, 9]})
     allowed = {offline.get_tokenizer().decode([t]) for t in (7, 9)}
     assert set(r.choices[0].logprobs.tokens) <= allowed
+
+
+def test_structured_outputs_over_http(client):
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=10, temperature=1.0, n=3, seed=5,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert {c.text for c in r.choices} <= {"yes", "no"} and all(c.finish_reason == "stop" for c in r.choices)
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=10, extra_body={"guided_regex": "[0-9]{4}"})
+    assert re.fullmatch("[0-9]{4}", r.choices[0].text)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
 
 
 def test_max_tokens_that_cannot_fit_is_rejected_as_in_vllm(server):

@@ -34,6 +34,8 @@ class OutputProcessor:
                 continue
             seq.token_ids.append(token)
             appended += 1
+            if seq.guide is not None and token not in self.eos_token_ids:
+                seq.guide.advance(token)  # the mask let only its tokens through
             m = seq.request.metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now

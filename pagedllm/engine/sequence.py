@@ -45,6 +45,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     detok: DetokState = field(default_factory=DetokState)
+    guide: object | None = None  # guided decoding's state machine (engine/guided_decoding.py), if constrained
 
     @property
     def params(self) -> SamplingParams:

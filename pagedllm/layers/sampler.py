@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.engine.guided_decoding import allowed_mask
 from pagedllm.engine.sequence import Sequence
 
 
@@ -36,6 +37,7 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked out (min_tokens)
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values) added (logit_bias)
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids): those rows keep only these tokens
+    guided: tuple[torch.Tensor, torch.Tensor] | None  # (rows, [rows, vocab] allowed by their guided decoding)
     generators: dict[int, torch.Generator]
     num_logprobs: int  # max top-k logprobs any row wants; -1 for none
 
@@ -53,6 +55,7 @@ class SamplingMetadata:
                 banned_ids += sorted(ids)
         bias = [(i, t, b) for i, p in enumerate(ps) for t, b in (p.logit_bias or {}).items()]
         allowed = [(i, t) for i, p in enumerate(ps) for t in (p.allowed_token_ids or [])]
+        guided = [(i, s.guide) for i, s in enumerate(seqs) if s.guide is not None]
         return cls(
             temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, ps)], **f32),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
@@ -68,6 +71,8 @@ class SamplingMetadata:
             banned=(torch.tensor(banned_rows, device=device), torch.tensor(banned_ids, device=device)) if banned_rows else None,
             bias=tuple(torch.tensor(c, device=device) for c in zip(*bias)) if bias else None,
             allowed=tuple(torch.tensor(c, device=device) for c in zip(*allowed)) if allowed else None,
+            guided=(torch.tensor([i for i, _ in guided], device=device),
+                    allowed_mask([g for _, g in guided], vocab_size).to(device)) if guided else None,
             generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy},
             num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
         )
@@ -105,7 +110,11 @@ def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
 
 
 def apply_allowed_and_bias(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
-    """Rows with allowed_token_ids keep only those tokens; logit_bias is added to its tokens' logits."""
+    """Rows with allowed_token_ids or guided decoding keep only the tokens these allow; logit_bias is added to its
+    tokens' logits."""
+    if m.guided is not None:
+        rows, mask = m.guided
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~mask, float("-inf")))
     if m.allowed is not None:
         rows, ids = m.allowed
         keep = torch.zeros_like(logits, dtype=torch.bool)
@@ -148,7 +157,7 @@ class Sampler:
         if m.num_logprobs >= 0 or m.presence is not None or m.bias is not None or not m.all_greedy:
             logits = logits.float()  # plain greedy needs only the argmax, the same in the model's dtype
         raw_logprobs = logits.log_softmax(-1) if m.num_logprobs >= 0 else None
-        if m.allowed is not None or m.bias is not None:  # before the penalties, as vLLM
+        if m.allowed is not None or m.bias is not None or m.guided is not None:  # before the penalties, as vLLM
             logits = apply_allowed_and_bias(logits, m)
         if m.presence is not None:
             logits = apply_penalties(logits, m)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import GuidedDecodingParams, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -21,6 +21,11 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # OpenAI's {"name": ..., "schema": {...}}
 
 
 class SamplingFields(OpenAIModel):
@@ -44,6 +49,10 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     allowed_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's structured-output fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -58,8 +67,24 @@ class SamplingFields(OpenAIModel):
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids, **optional,
+            logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids,
+            guided_decoding=self._guided_decoding(), **optional,
         )
+
+    def _guided_decoding(self) -> GuidedDecodingParams | None:
+        """OpenAI's response_format or vLLM's guided_json / guided_regex / guided_choice: one of them."""
+        given = [(k, v) for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                     ("choice", self.guided_choice)) if v is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("json_object", True))
+        elif fmt is not None and fmt.type == "json_schema":
+            if not fmt.json_schema or "schema" not in fmt.json_schema:
+                raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+            given.append(("json", fmt.json_schema["schema"]))
+        if len(given) > 1:
+            raise ValueError(f"give one structured-output constraint, not {len(given)}")
+        return GuidedDecodingParams(**dict(given)) if given else None
 
     def _logit_bias(self) -> dict[int, float] | None:
         """Token ids from their string keys, biases clamped to [-100, 100] (as OpenAI and vLLM)."""
