@@ -53,8 +53,8 @@ def regex_for(g: GuidedDecodingParams) -> str:
 
 class GuidedDecoding:
     def __init__(self, tokenizer):
-        if tokenizer is None:
-            raise ValueError("guided decoding needs the model's tokenizer")
+        if tokenizer is None or tokenizer.eos_token_id is None:
+            raise ValueError("guided decoding needs the model's tokenizer and its EOS token")
         from outlines_core import Vocabulary
 
         self.vocabulary = Vocabulary(tokenizer.eos_token_id, _token_bytes(tokenizer))
