@@ -46,6 +46,12 @@ def test_every_sample_of_n_gets_its_own_state(llm):
     assert_pool_empty(llm)
 
 
+def test_min_tokens_beyond_a_complete_constraint_ends_it_cleanly(llm):
+    (c,) = _chat(llm, "Answer yes.", GuidedDecodingParams(choice=["yes"]), min_tokens=4)
+    assert c.text == "yes" and c.finish_reason == "stop"
+    assert_pool_empty(llm)
+
+
 def test_bad_constraints_are_value_errors(llm):
     for bad in ({}, {"regex": "a", "choice": ["b"]}, {"choice": [""]}):
         with pytest.raises(ValueError, match="guided"):

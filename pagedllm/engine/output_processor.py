@@ -32,10 +32,16 @@ class OutputProcessor:
         for j, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.is_finished:
                 continue
+            guided = seq.guide is not None and token not in self.eos_token_ids
+            if guided and not seq.guide.accepts_tokens([token]):
+                # the constraint allowed nothing samplable (min_tokens banned the EOS that completes it): it ends here
+                seq.finish_reason = "stop"
+                self.finish(seq)
+                continue
             seq.token_ids.append(token)
             appended += 1
-            if seq.guide is not None and token not in self.eos_token_ids:
-                seq.guide.advance(token)  # the mask let only its tokens through
+            if guided:
+                seq.guide.advance(token)
             m = seq.request.metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now
