@@ -1,5 +1,5 @@
-"""Batched sampling: allowed tokens, logit bias, penalties, temperature, top-k / top-p / min-p, seeds and logprobs,
-all on tensors.
+"""Batched sampling: guided-decoding masks, allowed tokens, logit bias, penalties, temperature, top-k / top-p /
+min-p, seeds and logprobs, all on tensors.
 
 Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws from p
 exactly and lets a seeded request supply its own noise row from its own generator, so its output
