@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.sampling_params import GuidedDecodingParams
 from tests.helpers import random_prompts
 
 PROMPTS = random_prompts(12, 3, 50, seed=80)
@@ -35,6 +36,12 @@ def test_dp2_equals_dp1_and_uses_both_replicas(tiny_models, dp_llm):
     assert labels == ["0", "1"]
     with pytest.raises(ValueError, match="max_model_len"):
         dp_llm.generate({"prompt_token_ids": [5] * 200}, use_tqdm=False)
+    # structured outputs: the front checks the constraint (a 400 behind the server), the replica guides
+    with pytest.raises(ValueError, match="guided-decoding index"):
+        dp_llm.generate("hi", SamplingParams(guided_decoding=GuidedDecodingParams(regex="(unclosed")), use_tqdm=False)
+    out = dp_llm.generate("hi", SamplingParams(max_tokens=5, guided_decoding=GuidedDecodingParams(choice=["yes", "no"])),
+                          use_tqdm=False)[0]
+    assert out.outputs[0].text in ("yes", "no")
 
 
 def test_killed_replica_fails_only_its_requests(tiny_models):

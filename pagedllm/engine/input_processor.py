@@ -7,6 +7,7 @@ import itertools
 import logging
 
 from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.engine.guided_decoding import GuidedDecoding
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -45,6 +46,17 @@ class InputProcessor:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self._guided: GuidedDecoding | None = None  # built on the first constrained request
+
+    def guide(self, params: SamplingParams):
+        """A fresh guided-decoding state for one sequence of a constrained request (None for others); a constraint
+        that cannot be compiled is a ValueError. Indexes are cached, so checking one here and building the state
+        later compiles it once."""
+        if params.guided_decoding is None:
+            return None
+        if self._guided is None:
+            self._guided = GuidedDecoding(self.tokenizer)
+        return self._guided.guide(params.guided_decoding)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -88,6 +100,7 @@ class InputProcessor:
         if any(not 0 <= t < self.cfg.vocab_size for t in params.token_ids_in_use()):
             raise ValueError(f"stop_token_ids, logit_bias and allowed_token_ids must name token ids in "
                              f"[0, {self.cfg.vocab_size})")
+        self.guide(params)  # the data-parallel front checks here what its replicas will compile
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "it must leave room for at least one generated token")

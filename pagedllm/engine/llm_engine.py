@@ -12,7 +12,6 @@ import torch
 from pagedllm.config import EngineArgs, ModelConfig, parse_dtype
 from pagedllm.distributed.executor import LocalExecutor, WorkerDiedError, check_tensor_parallel, make_executor
 from pagedllm.engine.block_manager import BlockManager
-from pagedllm.engine.guided_decoding import GuidedDecoding
 from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
@@ -95,7 +94,6 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.processor.eos_token_ids, self.max_model_len,
                                                 self.scheduler.finish)
-        self.guided: GuidedDecoding | None = None
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[_Launched] = deque()
         self.num_prompt_tokens = 0
@@ -156,22 +154,13 @@ class LLMEngine:
         text, ids, params = self.processor.process(prompt, params)
         request_id = self.processor.claim_request_id(request_id, self.requests)
         req = Request(request_id, text, ids, params)
-        req.seqs[0].guide = self._guide(params)
+        req.seqs[0].guide = self.processor.guide(params)
         if arrival_time is not None:
             req.metrics.arrival_time = arrival_time
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
         self.num_prompt_tokens += len(ids)
         return request_id
-
-    def _guide(self, params: SamplingParams):
-        """A new guided-decoding state for one sequence, if the request is constrained (the vocabulary and indexes
-        are built on first use)."""
-        if params.guided_decoding is None:
-            return None
-        if self.guided is None:
-            self.guided = GuidedDecoding(self.tokenizer)
-        return self.guided.guide(params.guided_decoding)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix: later requests compute their prompts in full (benchmarks measure prefill so)."""
@@ -258,7 +247,7 @@ class LLMEngine:
                 rows.append((i, s.seq))
                 for k in range(1, s.num_samples):
                     child = s.seq.fork(k)
-                    child.guide = self._guide(child.params)  # forked before any output: a fresh state
+                    child.guide = self.processor.guide(child.params)  # forked before any output: a fresh state
                     forks.append((s.seq, child))
                     rows.append((i, child))
         launched = _Launched(out, batch, rows, forks)
