@@ -59,3 +59,22 @@ def test_bad_constraints_are_value_errors(llm):
     with pytest.raises(ValueError, match="guided-decoding index"):
         _chat(llm, "hi", GuidedDecodingParams(regex="(unclosed"))
     assert_pool_empty(llm)
+
+
+def test_token_bytes_for_sentencepiece_and_byte_level_vocabularies():
+    """The bytes each token writes, for the two tokenizer families: SentencePiece ("\u2581" for a space, <0xNN>
+    byte tokens) and byte-level BPE (the embedded model's)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from pagedllm.engine.guided_decoding import _token_bytes
+    from pagedllm.model_loader.resolve import resolve_model
+
+    vocab = {"<s>": 0, "</s>": 1, "\u2581the": 2, "cat": 3, "<0x0A>": 4, "<0xC3>": 5}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>")
+    assert _token_bytes(tok) == {b" the": [2], b"cat": [3], b"\n": [4], b"\xc3": [5]}
+    embedded = AutoTokenizer.from_pretrained(resolve_model(None))
+    table = _token_bytes(embedded)
+    assert table[b" the"] == [embedded.convert_tokens_to_ids("\u0120the")]  # byte-level: "Ġ" is the space byte

@@ -26,11 +26,14 @@ def _token_bytes(tokenizer) -> dict[bytes, list[int]]:
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
     special = set(tokenizer.all_special_ids)
+    added = tokenizer.get_added_vocab()  # written as their text, not in the byte alphabet
     out: dict[bytes, list[int]] = {}
     for token, i in tokenizer.get_vocab().items():
         if i in special:
             continue
-        if byte_level:
+        if token in added:
+            data = token.encode()
+        elif byte_level:
             data = bytes(byte_of[c] for c in token)
         elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             data = bytes([int(token[3:5], 16)])
