@@ -108,6 +108,7 @@ PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
     }
   }
 }
+
 // Many rows in bf16, on CPUs with AVX512-BF16: as scores_by_transposed_keys, but keys are transposed as pairs
 // of dimensions (32-bit elements kt[p][j] = key j's dimensions 2p, 2p + 1), so each row's scores for them are
 // D / 2 pairwise bf16 dot products with its broadcast query pair: half the instructions of fp32 FMAs and no
@@ -119,14 +120,13 @@ template <int64_t D>
 PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
     const TaskView<at::BFloat16, D>& t, const at::BFloat16* const* q, float scale, float* scores) {
   constexpr int64_t P = D / 2;  // dimension pairs per key
-  constexpr int64_t kVecs = kKeyVecs;  // 16-key vectors per tile
-  constexpr int64_t kKeyTile = 16 * kVecs;
+  constexpr int64_t kKeyTile = 16 * kKeyVecs;
   alignas(64) uint32_t kt[P * kKeyTile];  // kt[p * kKeyTile + j]
   const int64_t rows = t.rows, keys = t.keys;
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < keys; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, keys - j0);
-    for (int64_t v = 0; v < kVecs; ++v) {
+    for (int64_t v = 0; v < kKeyVecs; ++v) {
       const uint32_t* k[16];
       for (int64_t i = 0; i < 16; ++i)  // past the end: repeat the last key (its score is not stored)
         k[i] = reinterpret_cast<const uint32_t*>(t.row(t.k_head, j0 + std::min(16 * v + i, nk - 1)));
@@ -139,22 +139,22 @@ PAGEDLLM_BF16_DOT void scores_by_transposed_bf16_keys(
       }
     }
     for (int64_t r0 = t.first_row_seeing(j0); r0 < rows; r0 += kRowBlock) {
-      __m512 acc[kRowBlock][kVecs];
+      __m512 acc[kRowBlock][kKeyVecs];
       const uint32_t* qp[kRowBlock];
       for (int64_t i = 0; i < kRowBlock; ++i) {
         qp[i] = reinterpret_cast<const uint32_t*>(q[r0 + i]);
-        for (int64_t v = 0; v < kVecs; ++v) acc[i][v] = _mm512_setzero_ps();
+        for (int64_t v = 0; v < kKeyVecs; ++v) acc[i][v] = _mm512_setzero_ps();
       }
       for (int64_t p = 0; p < P; ++p) {
-        __m512bh kd[kVecs];
-        for (int64_t v = 0; v < kVecs; ++v) kd[v] = (__m512bh)_mm512_load_si512(kt + p * kKeyTile + 16 * v);
+        __m512bh kd[kKeyVecs];
+        for (int64_t v = 0; v < kKeyVecs; ++v) kd[v] = (__m512bh)_mm512_load_si512(kt + p * kKeyTile + 16 * v);
         for (int64_t i = 0; i < kRowBlock; ++i) {
           const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[i][p]));
-          for (int64_t v = 0; v < kVecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], kd[v], qb);
+          for (int64_t v = 0; v < kKeyVecs; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], kd[v], qb);
         }
       }
       for (int64_t i = 0; i < std::min(kRowBlock, rows - r0); ++i)
-        for (int64_t v = 0; v < kVecs && 16 * v < nk; ++v) {
+        for (int64_t v = 0; v < kKeyVecs && 16 * v < nk; ++v) {
           const int64_t left = nk - 16 * v;
           _mm512_mask_storeu_ps(scores + (r0 + i) * keys + j0 + 16 * v,
                                 left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1),
