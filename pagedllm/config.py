@@ -1,7 +1,14 @@
-"""Model facts (from a HF config dict) and the engine's settings, with vLLM's argument names."""
+"""The engine's one resolved configuration (vLLM's VllmConfig idea), built once from EngineArgs and frozen.
+
+EngineConfig holds a part per concern: the model's facts, the KV cache, the scheduler, the parallel
+layout, what to load and the device. Every layer of the engine, the workers (it travels to them
+whole) and the memory planner read this one object. It imports nothing else of pagedllm, so any
+module may use it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -10,20 +17,51 @@ import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+# the one table of dtype spellings: every alias -> its canonical name -> its torch dtype
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(name: str | torch.dtype) -> str:
+    """The canonical name (float32, bfloat16, float16) of a dtype or any of its spellings."""
+    if isinstance(name, torch.dtype):
+        return str(name).removeprefix("torch.")
+    try:
+        return DTYPE_ALIASES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(sorted(DTYPE_ALIASES))}") from None
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}") from None
+    return name if isinstance(name, torch.dtype) else TORCH_DTYPES[dtype_name(name)]
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    """Each tensor-parallel rank keeps its share of KV heads; with more ranks than KV heads each keeps one (replicated)."""
+    return max(1, num_kv_heads // tp)
+
+
+def partition_layers(num_layers: int, pp: int, partition: tuple[int, ...] | list[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous [start, end) layer ranges per pipeline stage; an even split puts any extra layers on the early
+    stages (the last one also runs the LM head)."""
+    if partition is not None:
+        if len(partition) != pp or sum(partition) != num_layers or min(partition) < 1:
+            raise ValueError(f"a layer partition must be {pp} positive counts adding up to {num_layers}, "
+                             f"got {list(partition)}")
+        sizes = list(partition)
+    else:
+        if pp > num_layers:
+            raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers")
+        sizes = [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -62,7 +100,7 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        checkpoint_dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -78,10 +116,13 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
-            dtype=parse_dtype(dtype_name),
+            dtype=parse_dtype(checkpoint_dtype),
             eos_token_ids=eos_ids,
             name=name,
         )
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        return kv_heads_per_rank(self.num_kv_heads, tp)
 
     @classmethod
     def from_folder(cls, path: str) -> ModelConfig:
@@ -96,53 +137,89 @@ class ModelConfig:
         return cls.from_hf_dict(cfg, name=cfg.get("_name_or_path") or os.path.basename(os.path.normpath(path)))
 
 
-@dataclass
-class EngineArgs:
-    """Everything `LLM(...)` and the CLI accept; names follow vLLM's engine arguments."""
-
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+@dataclass(frozen=True)
+class CacheConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     kv_cache_memory: int | None = None  # bytes; the CPU's way to size the pool
+    cache_dtype: torch.dtype = torch.bfloat16  # resolved from kv_cache_dtype ("auto": the model's dtype)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    # With chunked prefill, one prompt takes at most this many tokens of a step, so a request arriving
+    # behind a long prompt is prefilled beside it instead of after it (vLLM's name; 0: half the budget).
+    long_prefill_token_threshold: int = 0
+
+    @property
+    def max_chunk(self) -> int:
+        if not self.enable_chunked_prefill:
+            return self.max_num_batched_tokens
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 2)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """pp stages of tp ranks each (rank = stage * tp + tp_rank), and dp replicas of that whole grid."""
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    pipeline_partition: list[int] | None = None  # layers per stage; default: an even split
+    pipeline_partition: tuple[int, ...] | None = None  # layers per stage; None: an even split
     data_parallel_size: int = 1
     data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
-    quantization: str | None = None
-    load_format: str = "auto"  # or "dummy": random weights, only the config is read (vLLM's name)
 
-    def validate(self) -> None:
-        positive = {
-            "max_num_seqs": self.max_num_seqs, "block_size": self.block_size,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "pipeline_parallel_size": self.pipeline_parallel_size,
-            "data_parallel_size": self.data_parallel_size,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
-            raise ValueError(f"data_parallel_routing must be least-loaded or prefix-affinity, got {self.data_parallel_routing!r}")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
+    @property
+    def world_size(self) -> int:
+        """Processes of one replica."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def stage_layers(self, num_layers: int) -> list[tuple[int, int]]:
+        return partition_layers(num_layers, self.pipeline_parallel_size, self.pipeline_partition)
+
+    def check(self, model: ModelConfig) -> None:
+        """The one check that this layout can split the model (raises ValueError before any process starts)."""
+        tp, heads, kv = self.tensor_parallel_size, model.num_heads, model.num_kv_heads
+        if heads % tp or (kv % tp and tp % kv):
+            raise ValueError(f"tensor_parallel_size {tp} must divide the model's {heads} attention heads and divide, "
+                             f"or be a multiple of, its {kv} KV heads")
+        if model.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide the MLP size {model.intermediate_size}")
+        self.stage_layers(model.num_layers)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model: str | None = None  # as the user named it
+    model_path: str = ""  # the resolved checkpoint folder
+    tokenizer: str | None = None
+    load_format: str = "auto"  # or "dummy": random weights from the config alone (vLLM's name)
+    quantization: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig  # its dtype is the one the engine runs in
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    load: LoadConfig
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    def replace(self, **parts) -> EngineConfig:
+        """A copy with some parts' fields changed, e.g. replace(parallel={"data_parallel_size": 1})."""
+        return dataclasses.replace(self, **{k: dataclasses.replace(getattr(self, k), **v) for k, v in parts.items()})

@@ -73,3 +73,14 @@ def check_greedy_against_hf(model: str, prompts: list[list[int]], max_tokens: in
             also(llm)
     finally:
         llm.engine.shutdown()
+
+
+def plan_for(model: str | None, concurrency: int = 8, device_memory: int | None = None, max_model_len: int = 2048,
+             dtype: str = "bfloat16", **engine_args) -> dict:
+    """The memory plan of the configuration an engine with these arguments would run (loads nothing)."""
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.memory import make_plan
+    from pagedllm.model_loader.resolve import model_config_for
+
+    args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, device="cpu", **engine_args)
+    return make_plan(args.create_engine_config(model_config_for(model)), concurrency, device_memory)

@@ -38,7 +38,7 @@ def _check(llm: LLM, refs, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> Non
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
 def test_greedy_matches_hf(tiny_models, references, arch):
     llm = LLM(tiny_models[arch], dtype="float32")
-    assert llm.engine.runner.inputs.native == load_cpu_ops()
+    assert llm.engine.executor.driver.runner.inputs.native == load_cpu_ops()
     _check(llm, references(arch))
 
 
@@ -47,7 +47,7 @@ def test_greedy_matches_hf_with_torch_attention(tiny_models, references, arch, m
     """The pure-torch attention path (used off the CPU, or where the native kernel cannot be built)."""
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "torch")
     llm = LLM(tiny_models[arch], dtype="float32")
-    assert llm.engine.runner.inputs.native is False
+    assert llm.engine.executor.driver.runner.inputs.native is False
     _check(llm, references(arch))
 
 

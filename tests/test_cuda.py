@@ -16,7 +16,7 @@ def test_cuda_greedy_matches_hf_and_sizes_pool_by_profiling(tiny_models):
     hf = HFReference(tiny_models["qwen3"])
     refs = [hf.greedy(p, 16) for p in prompts]
     llm = LLM(tiny_models["qwen3"], dtype="float32", device="cuda", max_model_len=256, gpu_memory_utilization=0.2)
-    assert llm.engine.runner.kv_cache.is_cuda
+    assert llm.engine.executor.driver.runner.kv_cache.is_cuda
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     for out, (ref, scores) in zip(outs, refs):

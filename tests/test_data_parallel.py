@@ -73,7 +73,7 @@ def test_killed_replica_fails_only_its_requests(tiny_models):
 def test_server_in_front_of_replicas(tiny_models):
     from fastapi.testclient import TestClient
 
-    from pagedllm.config import EngineArgs
+    from pagedllm.engine.arg_utils import EngineArgs
     from pagedllm.engine.factory import create_engine
     from pagedllm.entrypoints.openai.api_server import build_app
 

@@ -33,7 +33,7 @@ def test_chat_answers_paris_in_bf16_with_native_kernels():
     """The default dtype and kernels: in bf16 this answer's first token is a near-tie, so the fused layers must
     round where HF rounds (they once did not, and the answer changed)."""
     llm = LLM(max_model_len=256)
-    assert llm.engine.dtype == torch.bfloat16
+    assert llm.engine.config.dtype == torch.bfloat16
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0),
                    use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text

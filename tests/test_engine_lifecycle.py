@@ -40,15 +40,15 @@ def test_steps_report_a_request_once_it_has_a_token_not_while_its_prompt_is_in_c
 def test_engine_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeypatch):
     engine = llm.engine
     rid = engine.add_request({"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=5))
-    real = engine.executor.run
+    real = engine.executor.submit
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated device fault")
 
-    monkeypatch.setattr(engine.executor, "run", boom)
+    monkeypatch.setattr(engine.executor, "submit", boom)
     outs = engine.step()
     assert outs[0].request_id == rid and outs[0].finished and "simulated device fault" in outs[0].error
-    monkeypatch.setattr(engine.executor, "run", real)
+    monkeypatch.setattr(engine.executor, "submit", real)
     assert_pool_empty(llm)
     good = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(good[0].outputs[0].token_ids) == 3

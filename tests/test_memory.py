@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.memory import PlanSettings, make_plan
-from pagedllm.model_loader.resolve import model_config_for
+from tests.helpers import plan_for
 
 CLI = [sys.executable, "-m", "pagedllm.entrypoints.cli"]
 
@@ -36,28 +35,26 @@ def test_qwen3_1_7b_figures_from_the_brief():
 
 
 def test_int8_halves_bf16_weights():
-    plan = make_plan(model_config_for("qwen3-1.7b"), PlanSettings(weight_dtype="int8"))
+    plan = plan_for("qwen3-1.7b", quantization="int8")
     ratio = plan["devices"][0]["weight_bytes"] / plan["weight_bytes"]["bfloat16"]
     assert 0.5 <= ratio < 0.51
     assert plan["settings"]["kv_cache_dtype"] == "bfloat16"
 
 
 def test_tensor_parallel_halves_sharded_weights_and_kv_heads():
-    cfg = model_config_for("qwen3-1.7b")
-    one = make_plan(cfg, PlanSettings())["devices"][0]
-    two = make_plan(cfg, PlanSettings(tensor_parallel_size=2))
+    one = plan_for("qwen3-1.7b")["devices"][0]
+    two = plan_for("qwen3-1.7b", tensor_parallel_size=2)
     d = two["devices"][0]
     assert d["sharded_weight_bytes"] == one["sharded_weight_bytes"] // 2
     assert d["replicated_weight_bytes"] == one["replicated_weight_bytes"]
     assert d["kv_heads"] == 4 and d["kv_bytes_per_token"] == one["kv_bytes_per_token"] // 2
     assert set(two["replicated_tensors"]) == {"norm", "input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"}
-    sixteen = make_plan(cfg, PlanSettings(tensor_parallel_size=16))  # more ranks than the 8 KV heads
+    sixteen = plan_for("qwen3-1.7b", tensor_parallel_size=16)  # more ranks than the 8 KV heads
     assert sixteen["devices"][0]["kv_heads"] == 1 and "k_proj" in sixteen["replicated_tensors"]
 
 
 def test_pipeline_stages_split_layers_and_capacity_is_the_minimum():
-    plan = make_plan(model_config_for("qwen3-1.7b"),
-                     PlanSettings(pipeline_parallel_size=2, device_memory=24 * 2**30, max_model_len=4096))
+    plan = plan_for("qwen3-1.7b", pipeline_parallel_size=2, device_memory=24 * 2**30, max_model_len=4096)
     first, last = plan["devices"]
     assert first["layers"] == [0, 14] and last["layers"] == [14, 28]
     assert first["kv_bytes_per_token"] == 114_688 // 2
@@ -72,7 +69,7 @@ def test_pipeline_stages_split_layers_and_capacity_is_the_minimum():
     (["qwen3-1.7b", "--device-memory", "lots"], "size"),
     (["qwen3-1.7b", "--tensor-parallel-size", "3"], "divide"),
     (["no-such-model"], "not found"),
-    (["qwen3-1.7b", "--max-model-len", "0"], "max-model-len"),
+    (["qwen3-1.7b", "--max-model-len", "0"], "max_model_len must be a positive integer"),
 ])
 def test_plan_bad_arguments_exit_2(args, message):
     r = subprocess.run(CLI + ["plan", *args], capture_output=True, text=True, timeout=120)
@@ -83,21 +80,21 @@ def test_plan_bad_arguments_exit_2(args, message):
 def test_planner_matches_the_engine_allocation(tiny_models, arch):
     llm = LLM(tiny_models[arch], dtype="float32", max_model_len=256, kv_cache_memory=1 << 20)
     engine = llm.engine
-    plan = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="fp32", max_model_len=256))
-    loaded = {p.data_ptr(): p.numel() * p.element_size() for p in engine.runner.model.parameters()}
-    assert plan["devices"][0]["weight_bytes"] == sum(loaded.values()) == engine.runner.weight_bytes
+    plan = plan_for(tiny_models[arch], dtype="float32", max_model_len=256)
+    loaded = {p.data_ptr(): p.numel() * p.element_size() for p in engine.executor.driver.runner.model.parameters()}
+    assert plan["devices"][0]["weight_bytes"] == sum(loaded.values()) == engine.executor.driver.runner.weight_bytes
     # on the CPU every weight lives in one buffer advised for 2 MiB pages
-    assert len({p.untyped_storage().data_ptr() for p in engine.runner.model.parameters()}) == 1
-    pool = engine.runner.kv_cache
+    assert len({p.untyped_storage().data_ptr() for p in engine.executor.driver.runner.model.parameters()}) == 1
+    pool = engine.executor.driver.runner.kv_cache
     assert pool.numel() * pool.element_size() == engine.block_manager.num_blocks * plan["kv_cache"]["bytes_per_block"]
 
 
 def test_embedded_plan_matches_loaded_weights():
     llm = LLM(dtype="bfloat16", max_model_len=512)
-    plan = make_plan(model_config_for(None), PlanSettings(weight_dtype="bf16", max_model_len=512))
+    plan = plan_for(None, max_model_len=512)
     assert plan["parameters"] == 134_515_008
-    assert plan["devices"][0]["weight_bytes"] == llm.engine.runner.weight_bytes
-    pool = llm.engine.runner.kv_cache
+    assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.driver.runner.weight_bytes
+    pool = llm.engine.executor.driver.runner.kv_cache
     assert pool.numel() * pool.element_size() == llm.engine.block_manager.num_blocks * plan["kv_cache"]["bytes_per_block"]
 
 
@@ -114,10 +111,10 @@ def test_max_model_len_that_cannot_fit_fails_clearly(tiny_models):
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_int8_planner_matches_engine_and_generates(tiny_models, arch):
     llm = LLM(tiny_models[arch], quantization="int8", max_model_len=256, kv_cache_memory=1 << 20)
-    plan = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="int8", max_model_len=256))
-    assert plan["devices"][0]["weight_bytes"] == llm.engine.runner.weight_bytes
-    bf16 = make_plan(model_config_for(tiny_models[arch]), PlanSettings(weight_dtype="bf16"))["devices"][0]["weight_bytes"]
-    assert llm.engine.runner.weight_bytes < 0.6 * bf16
+    plan = plan_for(tiny_models[arch], quantization="int8", max_model_len=256)
+    assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.driver.runner.weight_bytes
+    bf16 = plan_for(tiny_models[arch], max_model_len=256)["devices"][0]["weight_bytes"]
+    assert llm.engine.executor.driver.runner.weight_bytes < 0.6 * bf16
     ref = LLM(tiny_models[arch], dtype="bfloat16", max_model_len=256, kv_cache_memory=1 << 20)
     prompt = {"prompt_token_ids": [5, 17, 300, 4000, 22, 9]}
     a = ref.engine.score(prompt["prompt_token_ids"])

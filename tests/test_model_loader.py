@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.config import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.memory.catalog import builtin_config
 from pagedllm.model_loader.resolve import _cache_folder, resolve_model
 from tests.helpers import assert_pool_empty
@@ -28,7 +28,7 @@ def test_dummy_weights_need_no_checkpoint_and_follow_the_seed(tiny_models, tmp_p
         LLM(folder, dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engines = [LLM(folder, load_format="dummy", dtype="float32", seed=seed, max_model_len=128) for seed in (0, 0, 1)]
-    weights = [next(e.engine.runner.model.parameters()) for e in engines]
+    weights = [next(e.engine.executor.driver.runner.model.parameters()) for e in engines]
     assert weights[0].abs().max() <= 1e-3 and weights[0].equal(weights[1]) and not weights[0].equal(weights[2])
     out = engines[0].generate({"prompt_token_ids": [3, 4, 5]}, params, use_tqdm=False)[0].outputs[0].token_ids
     assert len(out) == 8

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.distributed.pipeline import bubble_report
+from pagedllm.executor.multiproc import bubble_report
 from tests.helpers import HFReference, assert_greedy_match, check_greedy_against_hf, random_prompts
 
 PROMPTS = random_prompts(10, 3, 60, seed=90)
@@ -48,7 +48,7 @@ def test_two_batches_in_flight_overlap_across_stages(tiny_models):
 
         from prometheus_client import generate_latest
 
-        from pagedllm.metrics import Metrics
+        from pagedllm.entrypoints.openai.metrics import Metrics
 
         text = generate_latest(Metrics(llm.engine).registry).decode()
         assert 'pagedllm:pipeline_stage_busy_fraction{model_name="llama",stage="1"}' in text
@@ -64,7 +64,7 @@ def test_custom_partition(tiny_models):
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=128, pipeline_parallel_size=2,
               pipeline_partition=[1, 1])
     try:
-        assert llm.engine.runner.model.stage.end == 1
+        assert llm.engine.executor.driver.runner.model.stage.end == 1
         for out, (ref, scores) in zip(_greedy(llm, PROMPTS[:3]), refs):
             assert_greedy_match(out, ref, scores)
     finally:

@@ -101,4 +101,4 @@ def test_disabling_prefix_caching(tiny_models):
     _generate(llm, prompt)
     out = _generate(llm, prompt)
     assert out[0].num_cached_tokens == 0 and llm.engine.scheduler.prefix_hits == 0
-    assert torch.is_tensor(llm.engine.runner.kv_cache)
+    assert torch.is_tensor(llm.engine.executor.driver.runner.kv_cache)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.engine.sampling_metadata import build_sampling_metadata
 from pagedllm.engine.sequence import Request
-from pagedllm.layers.sampler import Sampler, SamplingMetadata
+from pagedllm.layers.sampler import Sampler
+from pagedllm.step import SamplingMetadata
 from tests.helpers import assert_pool_empty, random_prompts
 
 V = 8
@@ -22,7 +24,7 @@ def _meta(params: list[SamplingParams], outputs: list[list[int]] | None = None, 
         seq = req.seqs[0]
         seq.token_ids += (outputs[i] if outputs else [])
         seqs.append(seq)
-    return SamplingMetadata.from_seqs(seqs, V, eos_ids=(7,), device="cpu")
+    return build_sampling_metadata(seqs, V, (7,), torch.device("cpu"))
 
 
 def _draws(logits: torch.Tensor, p: SamplingParams, n: int = 400) -> set[int]:
@@ -179,7 +181,7 @@ def test_invalid_arguments_raise_value_error(llm):
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
     with pytest.raises(ValueError, match="unknown engine argument"):
-        LLM(llm.engine.model_path, not_an_arg=1)
+        LLM(llm.engine.config.load.model_path, not_an_arg=1)
     assert_pool_empty(llm)
 
 

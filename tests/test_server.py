@@ -268,12 +268,12 @@ def test_sigterm_shuts_down_gracefully(server):
 def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from pagedllm.config import EngineArgs
+    from pagedllm.engine.arg_utils import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.openai.api_server import build_app
 
-    engine = LLMEngine(EngineArgs(model=tiny_models["llama"], dtype="float32", max_model_len=256))
-    real, calls = engine.executor.run, {"n": 0}
+    engine = LLMEngine.from_engine_args(EngineArgs(model=tiny_models["llama"], dtype="float32", max_model_len=256))
+    real, calls = engine.executor.submit, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -281,7 +281,7 @@ def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
             raise RuntimeError("simulated device fault")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.executor, "run", flaky)
+    monkeypatch.setattr(engine.executor, "submit", flaky)
     with TestClient(build_app(engine)) as http:
         bad = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
         assert bad.status_code == 500 and "simulated device fault" in bad.json()["error"]["message"]
@@ -294,11 +294,11 @@ def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
 def test_embedded_model_chat_through_server():
     from fastapi.testclient import TestClient
 
-    from pagedllm.config import EngineArgs
+    from pagedllm.engine.arg_utils import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.entrypoints.openai.api_server import build_app
 
-    engine = LLMEngine(EngineArgs(max_model_len=512, dtype="float32"))
+    engine = LLMEngine.from_engine_args(EngineArgs(max_model_len=512, dtype="float32"))
     with TestClient(build_app(engine)) as http:
         r = http.post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": "What is the capital of France?"}], "temperature": 0})

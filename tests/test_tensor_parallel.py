@@ -13,9 +13,15 @@ import openai
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.memory import PlanSettings, make_plan
-from pagedllm.model_loader.resolve import model_config_for
-from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, check_greedy_against_hf, free_port, random_prompts
+from tests.helpers import (
+    HFReference,
+    assert_greedy_match,
+    assert_pool_empty,
+    check_greedy_against_hf,
+    free_port,
+    plan_for,
+    random_prompts,
+)
 
 PROMPTS = random_prompts(8, 3, 60, seed=70)
 MAX_TOKENS = 16
@@ -40,11 +46,10 @@ def test_tp2_matches_tp1_and_hf(tiny_models, arch):
             assert_greedy_match(b, ref, scores)
         assert_pool_empty(llm)
         ex = llm.engine.executor
-        plan = make_plan(model_config_for(tiny_models[arch]),
-                         PlanSettings(weight_dtype="fp32", tensor_parallel_size=2, max_model_len=128))
-        assert ex.rank_weight_bytes == [plan["devices"][0]["weight_bytes"]] * 2
+        plan = plan_for(tiny_models[arch], dtype="float32", tensor_parallel_size=2, max_model_len=128)
+        assert ex.weight_bytes() == [plan["devices"][0]["weight_bytes"]] * 2
         per_block = plan["devices"][0]["kv_bytes_per_block"]
-        assert ex.rank_kv_bytes == [llm.engine.block_manager.num_blocks * per_block] * 2
+        assert ex.collective_rpc("kv_cache_bytes") == [llm.engine.block_manager.num_blocks * per_block] * 2
     finally:
         llm.engine.shutdown()
 

@@ -9,8 +9,10 @@ import time
 
 from pagedllm.benchmarks import hf_baseline, roofline
 from pagedllm.benchmarks.workloads import Workload, make_workload
+from pagedllm.config import dtype_name
 from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.llm import LLM
+from pagedllm.executor.multiproc import bubble_report
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -49,12 +51,12 @@ def _warm_up(llm: LLM, w: Workload) -> None:
 def cmd_throughput(ns: argparse.Namespace) -> None:
     llm = _llm(ns)
     engine = llm.engine
-    w = make_workload(ns, engine.model_config.vocab_size)
+    w = make_workload(ns, engine.config.model.vocab_size)
     _warm_up(llm, w)
     hits0 = _prefix_hits(engine)
     elapsed = _run(llm, w)
     result = {
-        "benchmark": "throughput", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "benchmark": "throughput", "model": engine.config.model.name, "dtype": dtype_name(engine.config.dtype),
         "num_prompts": len(w.prompts), "prompt_tokens": w.num_prompt_tokens, "output_tokens": w.num_output_tokens,
         "elapsed_s": elapsed, "requests_per_s": len(w.prompts) / elapsed, "output_tok_s": w.num_output_tokens / elapsed,
         "total_tok_s": (w.num_prompt_tokens + w.num_output_tokens) / elapsed,
@@ -67,14 +69,12 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
                      "shared_prefix_len": ns.shared_prefix_len, "input_len": ns.input_len, "output_len": ns.output_len},
     }
     if ns.pipeline_parallel_size > 1:
-        from pagedllm.distributed.pipeline import bubble_report
-
         times = engine.executor.stage_times()
         result["pipeline"] = bubble_report(times, micro_batches=len(times[0]))
         bubbles = ", ".join(f"{100 * b:.0f} %" for b in result["pipeline"]["bubble_fraction"])
         print(f"  pipeline: {len(times[0])} micro-batches; idle (bubble) per stage {bubbles}; "
               f"ideal for a full pipeline {100 * result['pipeline']['ideal_bubble_fraction']:.1f} %")
-    cfg, folder = engine.model_config, engine.model_path
+    cfg, folder = engine.config.model, engine.config.load.model_path
     engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
     del llm, engine
     limits = roofline.machine_limits(cfg, _dtype(result["dtype"]), _device(ns), min(len(w.prompts), ns.max_num_seqs))
@@ -141,7 +141,7 @@ def _print_throughput(r: dict) -> None:
 def cmd_latency(ns: argparse.Namespace) -> None:
     llm = _llm(ns)
     engine = llm.engine
-    w = make_workload(ns, engine.model_config.vocab_size)
+    w = make_workload(ns, engine.config.model.vocab_size)
     prompt, n = w.prompts[0], w.output_lens[0]
     if n < 2:
         raise ValueError("--output-len must be at least 2 to measure time per output token")
@@ -159,11 +159,11 @@ def cmd_latency(ns: argparse.Namespace) -> None:
         ttfts.append(first - start)
         tpots.append((done - first) / (n - 1))
         # the machine's bandwidth right after each decode: a shared VM's moves by up to 2x within minutes
-        bandwidths.append(roofline.read_bandwidth(engine.device))
-    weight_bytes = engine.runner.weight_bytes
+        bandwidths.append(roofline.read_bandwidth(engine.config.device))
+    weight_bytes = engine.executor.weight_bytes()[0]
     tpot, bandwidth = _median(tpots), _median(bandwidths)
     result = {
-        "benchmark": "latency", "model": engine.model_config.name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "benchmark": "latency", "model": engine.config.model.name, "dtype": dtype_name(engine.config.dtype),
         "prompt_tokens": len(prompt), "output_tokens": n, "iterations": ns.num_iters,
         "ttft_s": _median(ttfts), "tpot_s": tpot, "decode_tok_s": 1 / tpot,
         "weight_bytes": weight_bytes, "read_bandwidth": bandwidth, "bandwidth_limit_tok_s": bandwidth / weight_bytes,
@@ -177,7 +177,7 @@ def cmd_latency(ns: argparse.Namespace) -> None:
     print(f"  weights {weight_bytes / 1e6:.0f} MB per token at {bandwidth / 1e9:.1f} GB/s (median, measured after each "
           f"decode) -> limit {result['bandwidth_limit_tok_s']:.1f} tok/s; we reach {100 * result['bandwidth_fraction']:.0f} %")
     if ns.compare == "hf":
-        folder = engine.model_path
+        folder = engine.config.load.model_path
         del llm, engine
         model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns), ns.load_format)
         hf = hf_baseline.single_request_tpot(model, prompt, n)
@@ -195,7 +195,7 @@ def _ttft_behind_long_prompt(args, long_prompt: list[int], short_prompt: list[in
     from pagedllm.engine.async_engine import AsyncLLMEngine
     from pagedllm.engine.llm_engine import LLMEngine
 
-    engine = AsyncLLMEngine(lambda: LLMEngine(args))
+    engine = AsyncLLMEngine(lambda: LLMEngine.from_engine_args(args))
 
     async def scenario() -> dict:
         await engine.call(lambda e: e.score(short_prompt))  # warm-up

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from pagedllm.config import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
 
 TEXTS = [
@@ -21,13 +21,13 @@ TEXTS = [
 def compare_int8(model: str | None, max_model_len: int = 512) -> dict:
     logits = {}
     for quant in (None, "int8"):
-        engine = LLMEngine(EngineArgs(model=model, dtype="bfloat16", quantization=quant, max_model_len=max_model_len,
-                                      kv_cache_memory=64 << 20))
+        engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype="bfloat16", quantization=quant,
+                                                       max_model_len=max_model_len, kv_cache_memory=64 << 20))
         ids = [engine.tokenizer.encode(t) for t in TEXTS]
         logits[quant] = [engine.score(x) for x in ids]
-        weights = engine.runner.weight_bytes
+        weights = engine.executor.weight_bytes()[0]
         logits[f"{quant}_bytes"] = weights
-        del engine
+        engine.shutdown()
     ref, q = torch.cat(logits[None]), torch.cat(logits["int8"])
     return {
         "positions": ref.shape[0],

@@ -1,11 +1,22 @@
-"""The tensor-parallel group the layers shard over; a single process is a group of one."""
+"""The process groups of one engine replica: the world of tp x pp ranks and each stage's tensor-parallel group.
+
+Rank = stage * tp + tp_rank; rank 0 (the engine's process) is stage 0's first tensor-parallel rank.
+The layers shard over the tensor-parallel group; a single process is a group of one.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from pagedllm.config import ParallelConfig
+
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # upper bound; a dead peer's closed socket fails a collective at once
 
 
 @dataclass
@@ -34,6 +45,40 @@ def get_tp_group() -> TPGroup:
     return _TP
 
 
-def set_tp_group(group: TPGroup) -> None:
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def local_init_method() -> str:
+    """A TCP rendezvous on a free local port, for ranks this process spawns itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """CUDA ranks take the GPU torchrun assigns (LOCAL_RANK), or their rank's; CPU ranks share the CPU."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def init_parallel_groups(rank: int, parallel: ParallelConfig, init_method: str, device: torch.device) -> None:
+    """Join the world (gloo on CPU, NCCL on CUDA) and this rank's stage's tensor-parallel group; every rank
+    creates every group, as torch.distributed requires."""
     global _TP
-    _TP = group
+    tp = parallel.tensor_parallel_size
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=parallel.world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(parallel.pipeline_parallel_size)]
+    stage, tp_rank = divmod(rank, tp)
+    _TP = TPGroup(tp_rank, tp, groups[stage]) if tp > 1 else TPGroup()
+
+
+def destroy_parallel_groups() -> None:
+    """Leave the groups, so that another engine in this process can form its own."""
+    global _TP
+    _TP = TPGroup()
+    if dist.is_initialized():
+        dist.destroy_process_group()

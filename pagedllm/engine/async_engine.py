@@ -19,7 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.protocol import EngineClient
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -58,7 +59,7 @@ class RequestStream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
+    def __init__(self, engine: EngineClient | Callable[[], EngineClient],
                  on_finished: Callable[[RequestOutput], None] | None = None):
         """`engine`, or a function that builds it on the engine thread (start-up errors are raised here)."""
         self.on_finished = on_finished
@@ -98,7 +99,7 @@ class AsyncLLMEngine:
         return True
 
     # ---- called from the event loop -----------------------------------------------------------
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+    async def call(self, fn: Callable[[EngineClient], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
@@ -115,13 +116,13 @@ class AsyncLLMEngine:
         stream = RequestStream(self, request_id)
         loop = asyncio.get_running_loop()
 
-        def add(engine: LLMEngine) -> None:
+        def add(engine: EngineClient) -> None:
             self._streams[request_id] = (loop, stream.queue)
             try:
-                text, ids, _ = engine.processor.process(prompt, params)
+                processed = engine.processor.process(prompt, params)
                 if check is not None:
-                    check(ids)
-                engine.add_request({"prompt": text, "prompt_token_ids": ids}, params, request_id)
+                    check(processed.prompt_token_ids)
+                engine.add_request(processed, request_id=request_id)
             except BaseException:
                 del self._streams[request_id]
                 raise
@@ -134,7 +135,7 @@ class AsyncLLMEngine:
         return stream
 
     def abort(self, request_id: str) -> None:
-        def do(engine: LLMEngine) -> None:
+        def do(engine: EngineClient) -> None:
             self._streams.pop(request_id, None)
             engine.abort_request(request_id)
 

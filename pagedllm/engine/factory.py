@@ -1,15 +1,15 @@
-"""One engine, or data-parallel replicas of it behind the same interface."""
+"""One engine, or data-parallel replicas of it behind the same protocol, from one resolved configuration."""
 
 from __future__ import annotations
 
-from pagedllm.config import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.data_parallel import DataParallelEngine
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.protocol import EngineClient
 
 
-def create_engine(args: EngineArgs):
-    if args.data_parallel_size > 1:
-        from pagedllm.distributed.data_parallel import DataParallelEngine
-
-        return DataParallelEngine(args)
-    from pagedllm.engine.llm_engine import LLMEngine
-
-    return LLMEngine(args)
+def create_engine(args: EngineArgs) -> EngineClient:
+    config = args.create_engine_config()
+    if config.parallel.data_parallel_size > 1:
+        return DataParallelEngine(config)
+    return LLMEngine(config)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
-from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.config import EngineConfig
 from pagedllm.engine.guided_decoding import GuidedDecoding
 from pagedllm.sampling_params import SamplingParams
 
@@ -25,24 +26,21 @@ def load_tokenizer(path: str):
         return None
 
 
-def model_limits(args: EngineArgs, cfg: ModelConfig) -> tuple[int, int]:
-    """(max_model_len, max_num_batched_tokens), checked against each other and the model."""
-    max_model_len = args.max_model_len or cfg.max_position_embeddings
-    if max_model_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
-    budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else max(2048, max_model_len))
-    if not args.enable_chunked_prefill and budget < max_model_len:
-        raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
-                         f"max_model_len ({max_model_len})")
-    return max_model_len, budget
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A request the InputProcessor has tokenized and checked; engines take it as it is (validated once)."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
 
 
 class InputProcessor:
-    def __init__(self, cfg: ModelConfig, tokenizer, max_model_len: int):
-        self.cfg, self.tokenizer, self.max_model_len = cfg, tokenizer, max_model_len
+    def __init__(self, config: EngineConfig, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size, self.max_model_len = config.model.vocab_size, config.max_model_len
         self._ids = itertools.count()
-        eos = set(cfg.eos_token_ids)
+        eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
@@ -87,21 +85,23 @@ class InputProcessor:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
-    def process(self, prompt: PromptType, params: SamplingParams | None) -> tuple[str | None, list[int], SamplingParams]:
-        """Tokenize and check one request; ValueError says what is wrong with it."""
+    def process(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None) -> ProcessedPrompt:
+        """Tokenize and check one request; ValueError says what is wrong with it. A ProcessedPrompt passes as it is."""
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        if any(not 0 <= t < self.cfg.vocab_size for t in params.token_ids_in_use()):
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.token_ids_in_use()):
             raise ValueError(f"stop_token_ids, logit_bias and allowed_token_ids must name token ids in "
-                             f"[0, {self.cfg.vocab_size})")
-        self.guide(params)  # the data-parallel front checks here what its replicas will compile
+                             f"[0, {self.vocab_size})")
+        self.guide(params)  # compiles (and caches) the constraint, so a bad one fails here
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              "it must leave room for at least one generated token")
-        return text, ids, params
+        return ProcessedPrompt(text, ids, params)

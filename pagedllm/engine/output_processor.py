@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.sequence import Request, Sequence
-from pagedllm.layers.sampler import SamplerOutput
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.step import SamplerOutput
 
 
 class OutputProcessor:

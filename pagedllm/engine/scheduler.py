@@ -11,25 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pagedllm.config import SchedulerConfig
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-    # With chunked prefill, one prompt takes at most this many tokens of a step, so a request arriving
-    # behind a long prompt is prefilled beside it instead of after it (vLLM's name; 0: half the budget).
-    long_prefill_token_threshold: int = 0
-
-    @property
-    def max_chunk(self) -> int:
-        if not self.enable_chunked_prefill:
-            return self.max_num_batched_tokens
-        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 2)
 
 
 @dataclass

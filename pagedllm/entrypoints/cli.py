@@ -8,7 +8,8 @@ import os
 import sys
 
 from pagedllm.benchmarks.cli import add_bench_parser
-from pagedllm.distributed.executor import launched_by_torchrun, run_torchrun_worker
+from pagedllm.distributed.parallel_state import launched_by_torchrun
+from pagedllm.engine.factory import create_engine
 from pagedllm.entrypoints.cli_args import (
     add_engine_args,
     add_sampling_args,
@@ -17,11 +18,10 @@ from pagedllm.entrypoints.cli_args import (
     sampling_params_from,
 )
 from pagedllm.entrypoints.plan import add_plan_parser
+from pagedllm.executor.multiproc import run_torchrun_worker
 
 
 def _engine(ns: argparse.Namespace):
-    from pagedllm.engine.factory import create_engine
-
     return create_engine(engine_args_from(ns))
 
 
@@ -67,7 +67,7 @@ def cmd_chat(ns: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        out = _run(engine, {"prompt_token_ids": engine.apply_chat_template(messages)}, params)
+        out = _run(engine, {"prompt_token_ids": engine.processor.apply_chat_template(messages)}, params)
         messages.append({"role": "assistant", "content": out.outputs[0].text})
 
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if launched_by_torchrun() and int(os.environ["RANK"]) > 0 and hasattr(ns, "tensor_parallel_size"):
             if ns.command == "serve":
                 ns.model = ns.model_tag or ns.model
-            run_torchrun_worker(engine_args_from(ns))  # rank 0 runs the command; the others serve its steps
+            # rank 0 runs the command; the others serve its steps
+            run_torchrun_worker(engine_args_from(ns).create_engine_config())
             return 0
         ns.func(ns)
     except ValueError as exc:  # user mistakes: one line, exit 2

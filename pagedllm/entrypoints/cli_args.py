@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagedllm.config import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.memory.units import parse_bytes
 from pagedllm.sampling_params import SamplingParams
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from pagedllm.config import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.protocol import EngineClient
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -17,12 +17,23 @@ Messages = list[dict]
 
 
 class LLM:
+    """Release what an engine holds (worker processes, process groups, the KV pool) with `shutdown()`, a `with`
+    block, or by dropping the last reference; then another engine, of any parallelism, can be built."""
+
     def __init__(self, model: str | None = None, **kwargs):
-        known = {f.name for f in dataclasses.fields(EngineArgs)}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs) - EngineArgs.names())
         if unknown:
             raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
-        self.engine = create_engine(EngineArgs(model=model, **kwargs))
+        self.engine: EngineClient = create_engine(EngineArgs(model=model, **kwargs))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -61,7 +72,8 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": self.engine.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        template = self.engine.processor.apply_chat_template
+        prompts = [{"prompt_token_ids": template(c, add_generation_prompt)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, work: list[tuple[PromptType, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:

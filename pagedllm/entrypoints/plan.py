@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.entrypoints.cli_args import layer_counts
-from pagedllm.memory.planner import PlanSettings, make_plan
+from pagedllm.memory.planner import make_plan
 from pagedllm.memory.units import format_bytes, parse_bytes
 from pagedllm.model_loader.resolve import model_config_for
 
@@ -30,26 +31,22 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _settings(ns: argparse.Namespace) -> PlanSettings:
-    for name in ("max_model_len", "concurrency", "tensor_parallel_size", "pipeline_parallel_size", "block_size",
-                 "max_num_batched_tokens"):
-        if getattr(ns, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < ns.gpu_memory_utilization <= 1:
-        raise ValueError("--gpu-memory-utilization must be in (0, 1]")
-    return PlanSettings(
-        weight_dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype, max_model_len=ns.max_model_len,
-        concurrency=ns.concurrency, device_memory=parse_bytes(ns.device_memory) if ns.device_memory else None,
-        gpu_memory_utilization=ns.gpu_memory_utilization, tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size, pipeline_partition=ns.pipeline_partition,
-        block_size=ns.block_size,
-        max_num_batched_tokens=ns.max_num_batched_tokens,
-    )
+def plan_config(ns: argparse.Namespace):
+    """The engine configuration the plan is for, built as the engine builds its own (nothing loaded or converted)."""
+    if ns.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    int8 = ns.dtype.lower() == "int8"
+    args = EngineArgs(model=ns.model, dtype="bfloat16" if int8 else ns.dtype, quantization="int8" if int8 else None,
+                      kv_cache_dtype=ns.kv_cache_dtype, max_model_len=ns.max_model_len, block_size=ns.block_size,
+                      max_num_batched_tokens=ns.max_num_batched_tokens, gpu_memory_utilization=ns.gpu_memory_utilization,
+                      tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
+                      pipeline_partition=ns.pipeline_partition, device="cpu")
+    return args.create_engine_config(model_config_for(ns.model))
 
 
 def cmd_plan(ns: argparse.Namespace) -> None:
-    settings = _settings(ns)
-    plan = make_plan(model_config_for(ns.model), settings)
+    device_memory = parse_bytes(ns.device_memory) if ns.device_memory else None
+    plan = make_plan(plan_config(ns), ns.concurrency, device_memory)
     print(json.dumps(plan, indent=2) if ns.json else render(plan))
 
 

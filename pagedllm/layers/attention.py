@@ -6,7 +6,7 @@ use in place.
 
 On the CPU the native kernel (pagedllm/kernels) computes the whole step's attention in one call,
 reading each sequence's keys and values through its block table. Elsewhere (or with
-PAGEDLLM_ATTENTION_BACKEND=torch), per bucket of similar-length sequences (see model_executor/context.py):
+PAGEDLLM_ATTENTION_BACKEND=torch), per bucket of similar-length sequences (see forward_context.py):
 - decodes (one query each): two batched matmuls and a softmax over the gathered context;
 - fresh prompt chunks (nothing cached before them): causal SDPA on the chunks' own q/k/v;
 - other prompt chunks (after a cached prefix or an earlier chunk): SDPA over the gathered
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.forward_context import DecodeBucket, PrefillBucket, get_attention_metadata
 from pagedllm.kernels import paged_attention, reshape_and_cache
-from pagedllm.model_executor.context import DecodeBucket, PrefillBucket, get_attention_metadata
 
 
 class PagedAttention(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.config import kv_heads_per_rank
 from pagedllm.distributed.parallel_state import get_tp_group
 from pagedllm.layers import quantization as quant
 
@@ -78,7 +79,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = get_tp_group()
         self.head_dim = head_dim
         self.num_heads = num_heads // tp.size
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
         super().__init__(hidden_size, out, bias)

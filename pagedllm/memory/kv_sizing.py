@@ -16,14 +16,9 @@ CPU_DEFAULT_KV_BYTES = 4 * GiB  # the CPU pool when --kv-cache-memory is not giv
 CPU_DEFAULT_RAM_SHARE = 0.4  # ... and never more than this share of free RAM
 
 
-def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
-    """Each rank keeps its share of KV heads; with more ranks than KV heads each keeps one (replicated)."""
-    return max(1, cfg.num_kv_heads // tp)
-
-
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: int, tp: int = 1, num_layers: int | None = None) -> int:
     layers = cfg.num_layers if num_layers is None else num_layers
-    return 2 * layers * kv_heads_per_rank(cfg, tp) * cfg.head_dim * kv_bytes
+    return 2 * layers * cfg.kv_heads_per_rank(tp) * cfg.head_dim * kv_bytes
 
 
 def brief_kv_bytes_per_token(cfg: ModelConfig, kv_bytes: int) -> int:

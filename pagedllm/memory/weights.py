@@ -11,18 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
 
-WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # bytes per weight
 INT8_SCALE_BYTES = 2  # one bf16 scale per output channel; norms and biases stay bf16
 
 
-def weight_dtype_name(name: str) -> str:
-    name = _ALIASES.get(name.lower(), name.lower())
-    if name not in WEIGHT_DTYPES:
-        raise ValueError(f"unknown weight dtype {name!r}; choose from fp32, bf16, fp16, int8")
-    return name
+def weight_dtype_name(config: EngineConfig) -> str:
+    """What the weights are stored in: int8 under int8 quantization, else the run dtype."""
+    return "int8" if config.load.quantization == "int8" else dtype_name(config.dtype)
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ def _local_shape(spec: TensorSpec, cfg: ModelConfig, tp: int) -> tuple[int, int]
     if spec.split == "cols":
         return spec.rows, spec.cols // tp
     if spec.split == "kv":
-        return max(1, cfg.num_kv_heads // tp) * cfg.head_dim, spec.cols
+        return cfg.kv_heads_per_rank(tp) * cfg.head_dim, spec.cols
     if spec.split == "vocab":
         return -(-spec.rows // tp), spec.cols
     return spec.rows, spec.cols
@@ -85,24 +82,6 @@ def count_parameters(cfg: ModelConfig) -> int:
     return sum(s.rows * s.cols for s in glob) + cfg.num_layers * sum(s.rows * s.cols for s in layer)
 
 
-def partition_layers(num_layers: int, pp: int, partition: list[int] | None = None) -> list[tuple[int, int]]:
-    """Contiguous [start, end) layer ranges per stage; an even split puts any extra layers on the early
-    stages (the last one also runs the LM head)."""
-    if partition is not None:
-        if len(partition) != pp or sum(partition) != num_layers or min(partition) < 1:
-            raise ValueError(f"a layer partition must be {pp} positive counts adding up to {num_layers}, got {partition}")
-        sizes = partition
-    else:
-        if pp > num_layers:
-            raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers")
-        sizes = [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
-    bounds, start = [], 0
-    for n in sizes:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
-
-
 @dataclass
 class StageWeights:
     """What one device of a pipeline stage holds (every tensor-parallel rank of a stage holds the same amount)."""
@@ -116,7 +95,7 @@ class StageWeights:
 
 
 def weights_per_stage(cfg: ModelConfig, dtype: str, tp: int = 1, pp: int = 1,
-                      partition: list[int] | None = None) -> list[StageWeights]:
+                      partition: tuple[int, ...] | None = None) -> list[StageWeights]:
     glob, layer = tensor_specs(cfg)
     if cfg.tie_word_embeddings and pp > 1:  # the last stage needs its own copy for the LM head
         glob = glob + [TensorSpec("lm_head (tied copy)", cfg.vocab_size, cfg.hidden_size, "vocab", "last")]

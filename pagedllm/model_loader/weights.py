@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import EngineConfig
 from pagedllm.models.decoder import DecoderForCausalLM, Stage
 
 
@@ -67,22 +67,20 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: fl
         param.data.uniform_(low, high, generator=g)
 
 
-def build_model(cfg: ModelConfig, folder: str, dtype: torch.dtype, device: torch.device,
-                quantization: str | None = None, stage: Stage | None = None, load_format: str = "auto",
-                seed: int = 0) -> DecoderForCausalLM:
-    """Allocate the model directly in the target dtype and device, then load weights in place (or, with load_format
-    "dummy", fill them with random values)."""
+def build_model(config: EngineConfig, device: torch.device, stage: Stage | None = None) -> DecoderForCausalLM:
+    """Allocate the model (or one pipeline stage of it) directly in the run dtype and on its device, then load its
+    weights in place (or, with load_format "dummy", fill them with random values)."""
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(config.dtype)
     try:
         with torch.device(device):
-            model = DecoderForCausalLM(cfg, stage)
+            model = DecoderForCausalLM(config.model, stage)
     finally:
         torch.set_default_dtype(default_dtype)
-    if load_format == "dummy":
-        init_dummy_weights(model, seed)
+    if config.load.load_format == "dummy":
+        init_dummy_weights(model, config.load.seed)
     else:
-        load_weights(model, folder)
-    if quantization == "int8":
+        load_weights(model, config.load.model_path)
+    if config.load.quantization == "int8":
         model.quantize_int8_()
     return model.eval()

@@ -16,6 +16,7 @@ from torch import nn
 from pagedllm import kernels
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.parallel_state import get_tp_group
+from pagedllm.forward_context import get_attention_metadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import CustomOp
@@ -24,7 +25,6 @@ from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.quantization import quantize_module_
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.model_executor.context import get_attention_metadata
 
 
 class Attention(nn.Module):

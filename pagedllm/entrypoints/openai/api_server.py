@@ -20,23 +20,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedllm.engine.factory import create_engine
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.openai import protocol as p
+from pagedllm.entrypoints.openai.metrics import Metrics
 from pagedllm.entrypoints.openai.serving import APIError, OpenAIServing
-from pagedllm.metrics import Metrics
 from pagedllm.model_loader.resolve import EMBEDDED_MODEL_NAME
 
 logger = logging.getLogger("pagedllm")
 
 
-def _served_names(engine: LLMEngine, served_model_name: str | None) -> list[str]:
+def _served_names(engine: EngineClient, served_model_name: str | None) -> list[str]:
     if served_model_name:
         return [served_model_name]
-    return [engine.args.model or EMBEDDED_MODEL_NAME]
+    return [engine.config.load.model or EMBEDDED_MODEL_NAME]
 
 
-def build_app(engine: LLMEngine | Callable[[], LLMEngine], served_model_name: str | None = None,
+def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_name: str | None = None,
               api_key: str | None = None) -> FastAPI:
     """`engine`, or a function that builds it (on the engine thread, where all its torch work then runs)."""
     async_engine = AsyncLLMEngine(engine)
@@ -97,7 +97,7 @@ def build_app(engine: LLMEngine | Callable[[], LLMEngine], served_model_name: st
         created = int(time.time())
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "pagedllm",
-             "max_model_len": engine.max_model_len} for name in serving.names]}
+             "max_model_len": engine.config.max_model_len} for name in serving.names]}
 
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest, raw: Request):
@@ -116,18 +116,18 @@ def build_app(engine: LLMEngine | Callable[[], LLMEngine], served_model_name: st
             raise APIError(400, "this model has no tokenizer")
         if req.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = await async_engine.call(lambda e: e.apply_chat_template(messages, req.add_generation_prompt))
+            ids = await async_engine.call(lambda e: e.processor.apply_chat_template(messages, req.add_generation_prompt))
         else:
             ids = await async_engine.call(lambda e: e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: p.DetokenizeRequest):
         serving.check_model(req.model)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
-        if any(not 0 <= t < engine.model_config.vocab_size for t in req.tokens):
-            raise APIError(400, f"token ids must be in [0, {engine.model_config.vocab_size})", param="tokens")
+        if any(not 0 <= t < engine.config.model.vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {engine.config.model.vocab_size})", param="tokens")
         return {"prompt": await async_engine.call(lambda e: e.tokenizer.decode(req.tokens))}
 
     @app.get("/metrics")
@@ -157,6 +157,6 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     ns.model = ns.model_tag or ns.model
     args = engine_args_from(ns)
     app = build_app(lambda: create_engine(args), ns.served_model_name, ns.api_key)
-    logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.model_config.name, ns.host, ns.port)
+    logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.config.model.name, ns.host, ns.port)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
     GracefulServer(config).run()

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.streams import collect, merge, sse, unless_disconnected
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -56,7 +56,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]):
         self.engine = engine
         self.names = served_model_names
-        self.sync: LLMEngine = engine.engine  # read-only facts (tokenizer, limits)
+        self.sync: EngineClient = engine.engine  # read-only facts (tokenizer, limits)
 
     def check_model(self, name: str | None) -> str:
         if name is not None and name not in self.names:
@@ -75,7 +75,7 @@ class OpenAIServing:
 
     def _check_max_tokens(self, prompt_len: int, params: SamplingParams) -> None:
         """A max_tokens that cannot fit after the prompt is a 400, as in vLLM (offline, it just ends at the limit)."""
-        limit = self.sync.max_model_len
+        limit = self.sync.config.max_model_len
         if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
             raise APIError(400, f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's "
                                 f"maximum context length is {limit} tokens and your request has {prompt_len} input "
@@ -154,7 +154,7 @@ class OpenAIServing:
         params = self.params(req, req.max_completion_tokens or req.max_tokens, logprobs)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = await self.engine.call(lambda e: e.apply_chat_template(messages, req.add_generation_prompt))
+            ids = await self.engine.call(lambda e: e.processor.apply_chat_template(messages, req.add_generation_prompt))
         except Exception as exc:  # a template that rejects the conversation is the caller's mistake
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
         rid = p.random_id("chatcmpl")

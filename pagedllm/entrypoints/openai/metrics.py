@@ -59,7 +59,7 @@ class _EngineCollector:
 class Metrics:
     def __init__(self, engine, labels: dict[str, str] | None = None):
         self.registry = CollectorRegistry()
-        self.labels = labels or {"model_name": engine.model_config.name or "model"}
+        self.labels = labels or {"model_name": engine.config.model.name or "model"}
         self.registry.register(_EngineCollector(engine, self.labels))
         names = list(self.labels)
 

@@ -1,19 +1,14 @@
-"""A scheduled batch as a few compact tensors (StepInputs), and from those the step's model inputs:
-token ids, positions, slots and attention buckets.
+"""A step's compact tensors (StepInputs) into the model's inputs: token ids, positions, slots and attention metadata.
 
-StepInputs is all a tensor-parallel worker needs to run the step, so it travels as one flat int64
-tensor. Per-token quantities are computed with tensor ops from per-sequence starts and lengths;
-Python only walks the (few dozen) sequences to collect their token ids and block tables.
+Per-token quantities are computed with tensor ops from per-sequence starts and lengths.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from pagedllm.engine.scheduler import ScheduledSeq
-from pagedllm.model_executor.context import AttentionMetadata, DecodeBucket, NativeBatch, PrefillBucket
+from pagedllm.forward_context import AttentionMetadata, DecodeBucket, NativeBatch, PrefillBucket
+from pagedllm.step import StepInputs
 
 MAX_PADDING = 0.25  # a bucket may pad its members by at most this fraction of their real size
 
@@ -29,43 +24,6 @@ def buckets(sizes: list[int], max_padding: float = MAX_PADDING) -> list[tuple[in
     if sizes:
         runs.append((a, len(sizes)))
     return runs
-
-
-@dataclass
-class StepInputs:
-    token_ids: torch.Tensor  # [T] the tokens to compute, sequence after sequence
-    starts: torch.Tensor  # [B] tokens each sequence had computed before this step
-    lens: torch.Tensor  # [B] tokens each sequence computes now
-    tables: torch.Tensor  # [B, W] block tables, padded with block 0
-    copies: torch.Tensor  # [C, 2] (src, dst) block copies to make first (copy-on-write)
-    sample_rows: torch.Tensor  # [S] batch rows whose last token is sampled (a row repeats for n samples)
-
-    @classmethod
-    def from_batch(cls, batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_rows: list[int]) -> StepInputs:
-        """`batch` holds its decodes (one new token) first, sorted by context length, then its prompt chunks
-        sorted by length (see model_executor/context.py)."""
-        width = max(len(s.seq.block_table) for s in batch)
-        return cls(
-            token_ids=torch.tensor([t for s in batch for t in
-                                    s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens]]),
-            starts=torch.tensor([s.seq.num_computed_tokens for s in batch]),
-            lens=torch.tensor([s.num_new_tokens for s in batch]),
-            tables=torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in batch]),
-            copies=torch.tensor(copies, dtype=torch.long).view(-1, 2),
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long),
-        )
-
-    def pack(self) -> torch.Tensor:
-        header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
-                               len(self.sample_rows)])
-        return torch.cat([header, self.token_ids, self.starts, self.lens, self.tables.reshape(-1), self.copies.reshape(-1),
-                          self.sample_rows])
-
-    @classmethod
-    def unpack(cls, flat: torch.Tensor) -> StepInputs:
-        t, b, w, c, s = flat[:5].tolist()
-        parts = flat[5:].split([t, b, b, b * w, 2 * c, s])
-        return cls(parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4].view(c, 2), parts[5])
 
 
 class InputBuilder:

@@ -9,18 +9,18 @@ replica that dies fails only its in-flight requests; the others keep serving.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import multiprocessing.connection as mpc
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch.multiprocessing as mp
 
-from pagedllm.config import EngineArgs
-from pagedllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer, model_limits
-from pagedllm.engine.llm_engine import EngineStats, engine_setup
+from pagedllm.config import EngineConfig
+from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType, load_tokenizer
+from pagedllm.engine.protocol import EngineStats
 from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.platform import available_cores
 from pagedllm.sampling_params import SamplingParams
@@ -37,7 +37,8 @@ def _cores_for(index: int, replicas: int) -> set[int]:
     return set(mine or cores[-share:])  # more replicas than cores: they share the last ones
 
 
-def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Connection, results: mpc.Connection) -> None:
+def replica_main(index: int, replicas: int, config: EngineConfig, commands: mpc.Connection,
+                 results: mpc.Connection) -> None:
     """One replica: a whole LLMEngine stepping whatever the front sends it."""
     import signal
 
@@ -47,7 +48,7 @@ def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Conn
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, _cores_for(index, replicas))
     try:
-        engine = LLMEngine(args)
+        engine = LLMEngine(config)
     except Exception as exc:
         results.send(("failed", str(exc)))
         return
@@ -66,9 +67,9 @@ def replica_main(index: int, replicas: int, args: EngineArgs, commands: mpc.Conn
             elif kind == "reset_prefix_cache":
                 engine.reset_prefix_cache()
             else:
-                rid, prompt, params = rest
+                rid, processed = rest
                 try:
-                    engine.add_request(prompt, params, rid)
+                    engine.add_request(processed, request_id=rid)
                 except ValueError as exc:
                     results.send(("rejected", (rid, str(exc))))
         if engine.has_unfinished_requests():
@@ -83,7 +84,7 @@ class _Replica:
     commands: mpc.Connection
     results: mpc.Connection
     alive: bool = True
-    stats: EngineStats = field(default_factory=lambda: EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0))
+    stats: EngineStats = field(default_factory=EngineStats)
     requests_sent: int = 0
 
 
@@ -104,50 +105,49 @@ class _Pending:
 
 
 class DataParallelEngine:
-    def __init__(self, args: EngineArgs):
-        self.args = args
-        # resolves (and converts a GGUF) once, before the replicas start
-        self.model_config, self.model_path, self.dtype, self.device = engine_setup(args)
-        self.max_model_len, _ = model_limits(args, self.model_config)
-        self.tokenizer = load_tokenizer(args.tokenizer or self.model_path)
-        self.processor = InputProcessor(self.model_config, self.tokenizer, self.max_model_len)
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.processor = InputProcessor(config, load_tokenizer(config.load.tokenizer or config.load.model_path))
         self.requests: dict[str, _Pending] = {}
         self.num_prompt_tokens = 0
-        replica_args = EngineArgs(**{**vars(args), "model": self.model_path, "data_parallel_size": 1})
+        replicas = config.parallel.data_parallel_size
+        replica_config = config.replace(parallel={"data_parallel_size": 1})
         ctx = mp.get_context("spawn")
         self.replicas: list[_Replica] = []
-        for i in range(args.data_parallel_size):
+        for i in range(replicas):
             cmd_recv, cmd_send = ctx.Pipe(duplex=False)
             res_recv, res_send = ctx.Pipe(duplex=False)
             # not a daemon: a replica may spawn tensor-parallel workers of its own; it exits when the front's pipe closes
-            proc = ctx.Process(target=replica_main, args=(i, args.data_parallel_size, replica_args, cmd_recv, res_send),
+            proc = ctx.Process(target=replica_main, args=(i, replicas, replica_config, cmd_recv, res_send),
                                name=f"pagedllm-dp{i}")
             proc.start()
             self.replicas.append(_Replica(i, proc, cmd_send, res_recv))
+        self._finalizer = weakref.finalize(self, _stop_replicas, self.replicas)
         for r in self.replicas:
             kind, detail = r.results.recv() if r.results.poll(600) else ("failed", "did not start in 600 s")
             if kind != "ready":
                 self.shutdown()
                 raise ValueError(f"data-parallel replica {r.index} failed to start: {detail}")
-        atexit.register(self.shutdown)
-        logger.info("data parallel: %d replicas of %s", len(self.replicas), self.model_config.name)
+        logger.info("data parallel: %d replicas of %s", len(self.replicas), config.model.name)
 
-    # ---- the engine interface -----------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.processor.apply_chat_template(messages, add_generation_prompt)
+    # ---- the engine protocol ------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
     @property
     def num_generation_tokens(self) -> int:
         return sum(r.stats.generation_tokens for r in self.replicas)
 
-    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
-        text, ids, params = self.processor.process(prompt, params)
+        p = self.processor.process(prompt, params)
+        ids, params = p.prompt_token_ids, p.params
         request_id = self.processor.claim_request_id(request_id, self.requests)
         target = self._route(ids)
-        max_new = params.max_tokens or self.max_model_len - len(ids)
-        self.requests[request_id] = _Pending(target.index, text, ids, params, max_new * params.n)
-        target.commands.send(("add", request_id, {"prompt_token_ids": ids, "prompt": text}, params))
+        max_new = params.max_tokens or self.config.max_model_len - len(ids)
+        self.requests[request_id] = _Pending(target.index, p.prompt, ids, params, max_new * params.n)
+        target.commands.send(("add", request_id, p))
         target.requests_sent += 1
         self.num_prompt_tokens += len(ids)
         return request_id
@@ -163,8 +163,8 @@ class DataParallelEngine:
             if p.replica in load:
                 load[p.replica] += p.outstanding
         least = min(live, key=lambda r: (load[r.index], r.index))
-        block = self.args.block_size
-        if self.args.data_parallel_routing == "prefix-affinity" and len(ids) > block:
+        block = self.config.cache.block_size
+        if self.config.parallel.data_parallel_routing == "prefix-affinity" and len(ids) > block:
             preferred = live[hash(tuple(ids[:block])) % len(live)]
             if load[preferred.index] <= 2 * load[least.index] + AFFINITY_SLACK_TOKENS:
                 return preferred
@@ -246,15 +246,23 @@ class DataParallelEngine:
             raise RuntimeError("every data-parallel replica has died")
 
     def shutdown(self) -> None:
-        for r in self.replicas:
-            if r.alive and r.proc.is_alive():
-                try:
-                    r.commands.send(("stop",))
-                except (BrokenPipeError, OSError):
-                    pass
-        for r in self.replicas:
-            r.proc.join(timeout=15)
-            if r.proc.is_alive():
-                r.proc.kill()
-            r.alive = False
+        self._finalizer()
         self.requests.clear()
+
+
+def _stop_replicas(replicas: list[_Replica]) -> None:
+    """Stop every replica (each shuts its engine down); the finalizer's work, so it holds the replicas, not the front."""
+    for r in replicas:
+        if r.alive and r.proc.is_alive():
+            try:
+                r.commands.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+    for r in replicas:
+        r.proc.join(timeout=15)
+        if r.proc.is_alive():
+            r.proc.kill()
+            r.proc.join()
+        r.alive = False
+        r.commands.close()
+        r.results.close()

@@ -1,0 +1,119 @@
+"""EngineArgs: everything `LLM(...)` and the CLI accept, with vLLM's names; resolved once into an EngineConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.config import (
+    CacheConfig,
+    EngineConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from pagedllm.model_loader.resolve import resolve_model
+from pagedllm.platform import resolve_device
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory: int | None = None  # bytes; the CPU's way to size the pool
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    pipeline_partition: list[int] | None = None  # layers per stage; default: an even split
+    data_parallel_size: int = 1
+    data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
+    quantization: str | None = None
+    load_format: str = "auto"  # or "dummy": random weights, only the config is read (vLLM's name)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        positive = {
+            "max_num_seqs": self.max_num_seqs, "block_size": self.block_size,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
+            raise ValueError(f"data_parallel_routing must be least-loaded or prefix-affinity, got {self.data_parallel_routing!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) != "auto":
+                parse_dtype(getattr(self, name))
+
+    def create_engine_config(self, model_config: ModelConfig | None = None) -> EngineConfig:
+        """Check every argument and resolve it once: the checkpoint folder (a GGUF file is converted here), the
+        model's facts, dtypes, limits, the parallel layout and the device. With `model_config` given (the memory
+        planner), nothing is resolved or converted."""
+        self.validate()
+        if model_config is None:
+            model_path = resolve_model(self.model, self.load_format)
+            model_config = ModelConfig.from_folder(model_path)
+        else:
+            model_path = self.model or ""
+        dtype = model_config.dtype if self.dtype == "auto" else parse_dtype(self.dtype)
+        if self.quantization == "int8" and self.dtype == "auto":
+            dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                  tuple(self.pipeline_partition) if self.pipeline_partition else None,
+                                  self.data_parallel_size, self.data_parallel_routing)
+        parallel.check(model_config)
+        return EngineConfig(
+            model=dataclasses.replace(model_config, dtype=dtype),
+            cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.gpu_memory_utilization,
+                              self.num_gpu_blocks_override, self.kv_cache_memory,
+                              dtype if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)),
+            scheduler=self._scheduler_config(model_config),
+            parallel=parallel,
+            load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, self.quantization, self.seed),
+            device=resolve_device(self.device),
+        )
+
+    def _scheduler_config(self, model: ModelConfig) -> SchedulerConfig:
+        """max_model_len and the step's token budget, checked against each other and the model."""
+        max_model_len = self.max_model_len or model.max_position_embeddings
+        if max_model_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"{model.max_position_embeddings}")
+        budget = self.max_num_batched_tokens or (
+            DEFAULT_MAX_NUM_BATCHED_TOKENS if self.enable_chunked_prefill else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len))
+        if not self.enable_chunked_prefill and budget < max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
+                             f"max_model_len ({max_model_len})")
+        return SchedulerConfig(self.max_num_seqs, budget, max_model_len, self.enable_chunked_prefill)

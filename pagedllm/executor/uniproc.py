@@ -1,0 +1,28 @@
+"""The whole model in the engine's process."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.executor.abstract import Executor
+from pagedllm.step import StepInputs
+from pagedllm.worker.worker import Worker
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig):
+        self.driver = Worker(config, 0)
+
+    def submit(self, step: StepInputs) -> torch.Tensor | None:
+        """Without a pipeline a step runs to the end at once; its handle is its logits."""
+        return self.driver.execute_step(step)
+
+    def _logits(self, flight: torch.Tensor | None) -> torch.Tensor | None:
+        return flight
+
+    def collective_rpc(self, method: str, *args, reply: bool = True) -> list:
+        return [getattr(self.driver, method)(*args)]
+
+    def shutdown(self) -> None:
+        self.driver.runner.free_kv_cache()

@@ -1,0 +1,82 @@
+"""What one engine step hands to the model side and gets back: plain tensors and ints, no engine objects.
+
+The engine builds StepInputs (which tokens to compute, where their K/V go) and SamplingMetadata
+(how to pick each sampled row's token); the executor carries them to the workers and returns a
+SamplerOutput. StepInputs is all a tensor-parallel worker or pipeline stage needs to run the step,
+so it travels as one flat int64 tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor  # [T] the tokens to compute, sequence after sequence
+    starts: torch.Tensor  # [B] tokens each sequence had computed before this step
+    lens: torch.Tensor  # [B] tokens each sequence computes now
+    tables: torch.Tensor  # [B, W] block tables, padded with block 0
+    copies: torch.Tensor  # [C, 2] (src, dst) block copies to make first (copy-on-write)
+    sample_rows: torch.Tensor  # [S] batch rows whose last token is sampled (a row repeats for n samples)
+
+    @classmethod
+    def build(cls, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
+              copies: list[tuple[int, int]] = (), sample_rows: list[int] = ()) -> StepInputs:
+        """One row per sequence: the token ids it computes now, how many it had computed, its block table. Rows hold
+        decodes (one new token) first, by context length, then prompt chunks by length (see forward_context.py)."""
+        width = max(len(t) for t in tables)
+        return cls(
+            token_ids=torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long),
+            starts=torch.tensor(starts, dtype=torch.long),
+            lens=torch.tensor([len(c) for c in chunks], dtype=torch.long),
+            tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
+            copies=torch.tensor(list(copies), dtype=torch.long).view(-1, 2),
+            sample_rows=torch.tensor(list(sample_rows), dtype=torch.long),
+        )
+
+    def pack(self) -> torch.Tensor:
+        header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
+                               len(self.sample_rows)])
+        return torch.cat([header, self.token_ids, self.starts, self.lens, self.tables.reshape(-1), self.copies.reshape(-1),
+                          self.sample_rows])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor) -> StepInputs:
+        t, b, w, c, s = flat[:5].tolist()
+        parts = flat[5:].split([t, b, b, b * w, 2 * c, s])
+        return cls(parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4].view(c, 2), parts[5])
+
+
+@dataclass
+class SamplingMetadata:
+    """One row per sampled sequence; optional parts are None when no row uses them."""
+
+    temperature: torch.Tensor  # [B], 1.0 on greedy rows
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] long, vocab size where off
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    presence: torch.Tensor | None
+    frequency: torch.Tensor | None
+    repetition: torch.Tensor | None
+    output_tokens: torch.Tensor | None  # [B, L] padded with vocab_size
+    prompt_tokens: torch.Tensor | None
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked out (min_tokens)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values) added (logit_bias)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids): those rows keep only these tokens
+    guided: tuple[torch.Tensor, torch.Tensor] | None  # (rows, [rows, vocab] allowed by their structured output)
+    generators: dict[int, torch.Generator]  # seeded rows' own noise sources
+    num_logprobs: int  # max top-k logprobs any row wants; -1 for none
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None  # [B] logprob of the sampled token
+    top_ids: torch.Tensor | None  # [B, K]
+    top_logprobs: torch.Tensor | None  # [B, K]
+    ranks: torch.Tensor | None  # [B] rank of the sampled token (1 = most likely)

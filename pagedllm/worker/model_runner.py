@@ -1,0 +1,84 @@
+"""Owns one rank's model shard and its paged KV pool; turns a step's tensors into a forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.forward_context import attention_metadata
+from pagedllm.kernels import native_attention_supported, native_ops_enabled
+from pagedllm.layers.attention import PagedAttention
+from pagedllm.layers.custom_op import enable_native_ops
+from pagedllm.model_loader.weights import build_model
+from pagedllm.models.decoder import Stage
+from pagedllm.platform import advise_huge_pages, move_to_huge_pages
+from pagedllm.step import StepInputs
+from pagedllm.worker.input_builder import InputBuilder
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device, stage: Stage | None = None):
+        self.config, self.device, self.dtype = config, device, config.dtype
+        self.model = build_model(config, device, stage)
+        move_to_huge_pages(self.model)  # its CPU parameters; a no-op on other devices
+        if native_ops_enabled(device, self.dtype):
+            enable_native_ops(self.model)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.kv_cache: torch.Tensor | None = None
+        self.inputs: InputBuilder | None = None
+
+    @property
+    def weight_bytes(self) -> int:
+        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(seen.values())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 0 if self.kv_cache is None else self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        attn, block_size = self.attn_layers[0], self.config.cache.block_size
+        shape = (len(self.attn_layers), 2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.config.cache.cache_dtype, device=self.device)
+        advise_huge_pages(self.kv_cache)
+        self.kv_cache.zero_()
+        native = native_attention_supported(self.device, self.dtype, attn.head_dim)
+        self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device, native)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def free_kv_cache(self) -> None:
+        self.kv_cache, self.inputs = None, None
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+
+    def copy_blocks(self, copies: torch.Tensor) -> None:
+        src, dst = copies[:, 0].to(self.device), copies[:, 1].to(self.device)
+        self.kv_cache[:, :, :, dst] = self.kv_cache[:, :, :, src]
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """This stage's layers over every token of the step (their K/V are written into the pool): hidden states,
+        or (hidden, residual) for the next pipeline stage."""
+        if len(step.copies):
+            self.copy_blocks(step.copies)
+        input_ids, positions, meta = self.inputs.build(step)
+        with attention_metadata(meta):
+            return self.model(input_ids, positions, hidden, residual)
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Run one step: logits of the sampled rows (every tensor-parallel rank computes them), or, on a pipeline
+        stage before the last, the (hidden, residual) to pass on."""
+        hidden = self.forward(step, hidden, residual)
+        if not self.model.stage.last:
+            return hidden
+        if not len(step.sample_rows):
+            return None
+        last = torch.cumsum(step.lens, 0) - 1
+        return self.model.compute_logits(hidden[last[step.sample_rows].to(self.device)])
+
+    @torch.inference_mode()
+    def score(self, step: StepInputs) -> torch.Tensor:
+        """Logits at every position of the step's tokens (teacher forcing), in fp32."""
+        return self.model.compute_logits(self.forward(step)).float()
