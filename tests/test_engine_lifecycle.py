@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -94,3 +98,56 @@ def test_async_engine_builds_its_engine_on_its_own_thread(tiny_models):
 
     with pytest.raises(ValueError, match="no such model"):
         AsyncLLMEngine(fail)
+
+
+LIFECYCLE = textwrap.dedent("""
+    import gc, multiprocessing as mp, sys, weakref
+    from pagedllm import LLM, SamplingParams
+
+    def pool(llm):  # a weak reference to rank 0's KV pool
+        return weakref.ref(llm.engine.executor.driver.runner.kv_cache)
+
+    def main():
+        kw = dict(dtype="float32", max_model_len=128, kv_cache_memory=1 << 20)
+        def run(llm):
+            out = llm.generate({"prompt_token_ids": [5, 6, 7, 8]},
+                               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+            return out[0].outputs[0].token_ids
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, **kw)
+        ref, kv = run(llm), pool(llm)
+        del llm; gc.collect()  # dropped: its worker, process group and pool go
+        assert kv() is None and not mp.active_children()
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, **kw)  # a second group in the same process
+        assert run(llm) == ref
+        del llm; gc.collect()
+        assert not mp.active_children()
+        with LLM(sys.argv[1], pipeline_parallel_size=2, **kw) as llm:
+            assert run(llm) == ref
+        assert not mp.active_children()
+        llm = LLM(sys.argv[1], data_parallel_size=2, **kw)
+        assert run(llm) == ref
+        llm.shutdown()
+        assert not mp.active_children()
+        llm = LLM(sys.argv[1], **kw)
+        kv = pool(llm)
+        assert run(llm) == ref
+        llm.shutdown()
+        assert kv() is None
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, **kw)  # left running: the interpreter's exit stops it
+        assert run(llm) == ref
+        print("all engines ran")
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def test_engines_come_and_go_in_one_process(tiny_models, tmp_path):
+    """TP, TP again, PP, DP and a single engine, one after another in one process, released by garbage collection,
+    a with block or shutdown(); the process then exits cleanly with one engine still up."""
+    script = tmp_path / "lifecycle.py"
+    script.write_text(LIFECYCLE)
+    r = subprocess.run([sys.executable, str(script), tiny_models["llama"]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all engines ran" in r.stdout
+    assert "terminate called" not in r.stderr and "Traceback" not in r.stderr

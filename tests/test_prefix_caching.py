@@ -95,10 +95,13 @@ def test_chunked_prefill_does_not_stall_running_decodes(tiny_models):
     assert_pool_empty(llm)
 
 
-def test_disabling_prefix_caching(tiny_models):
+def test_disabling_prefix_caching(tiny_models, hf_refs):
     llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=256, enable_prefix_caching=False)
     prompt = random_prompts(1, 50, 50, seed=2)
-    _generate(llm, prompt)
-    out = _generate(llm, prompt)
-    assert out[0].num_cached_tokens == 0 and llm.engine.scheduler.prefix_hits == 0
-    assert torch.is_tensor(llm.engine.executor.driver.runner.kv_cache)
+    first = _generate(llm, prompt)
+    second = _generate(llm, prompt)
+    bm = llm.engine.block_manager
+    assert second[0].num_cached_tokens == 0 and llm.engine.scheduler.prefix_hits == 0
+    assert not bm.cached and all(b.hash is None for b in bm.blocks)  # no block was ever registered
+    assert first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
+    _check(second, hf_refs("qwen3", prompt))

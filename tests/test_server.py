@@ -260,8 +260,7 @@ def test_metrics_exposed(server, client):
 def test_sigterm_shuts_down_gracefully(server):
     base, proc = server
     proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=20)
-    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down cleanly
+    assert proc.wait(timeout=20) == 0  # stopped by its own handler, not killed by the signal
     assert "shutting down: aborting" in proc.stdout.read()
 
 

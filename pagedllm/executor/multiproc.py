@@ -197,6 +197,7 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         self._finalizer()
+        self.driver = None  # rank 0's shard and KV pool go with it
 
 
 def bubble_report(times: list[list[tuple[float, float]]], micro_batches: int) -> dict:

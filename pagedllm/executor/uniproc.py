@@ -25,4 +25,4 @@ class UniProcExecutor(Executor):
         return [getattr(self.driver, method)(*args)]
 
     def shutdown(self) -> None:
-        self.driver.runner.free_kv_cache()
+        self.driver = None  # the model and its KV pool go with it
