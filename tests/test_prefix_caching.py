@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, random_prompts
