@@ -40,6 +40,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return name if isinstance(name, torch.dtype) else TORCH_DTYPES[dtype_name(name)]
 
 
+# generation_config.json's sampling fields -> SamplingParams' (vLLM applies the same ones)
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def read_generation_defaults(folder: str) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json recommends (Qwen3: temperature 0.6, top_p 0.95,
+    top_k 20), under SamplingParams' names; {} when it has none."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        gen = json.load(f)
+    return {ours: gen[hf] for hf, ours in GENERATION_FIELDS.items() if gen.get(hf) is not None}
+
+
 def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
     """Each tensor-parallel rank keeps its share of KV heads; with more ranks than KV heads each keeps one (replicated)."""
     return max(1, num_kv_heads // tp)
@@ -85,6 +101,9 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # sampling defaults for what a request leaves unset (generation_config.json and overrides), as (name, value)
+    sampling_defaults: tuple[tuple[str, float | int], ...] = ()
+    max_logprobs: int = 20  # the most top-k logprobs (of outputs or prompts) a request may ask for
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, name: str = "") -> ModelConfig:

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 _GREEDY_EPS = 1e-5
 
 
 @dataclass
-class GuidedDecodingParams:
+class StructuredOutputsParams:
     """One constraint on the output (vLLM's names): a JSON schema (dict or string), any JSON object, a regular
-    expression, or one of a list of strings."""
+    expression, one of a list of strings, or a grammar (Lark, or llama.cpp's GBNF / EBNF)."""
 
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
     json_object: bool | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "json_object") if getattr(self, name)]
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
         if len(given) != 1:
-            raise ValueError(f"guided decoding takes exactly one of json, regex, choice, json_object; got {given or 'none'}")
+            raise ValueError("structured outputs take exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {given or 'none'}")
         if self.choice is not None and not all(isinstance(c, str) and c for c in self.choice):
-            raise ValueError("guided choices must be non-empty strings")
+            raise ValueError("structured-output choices must be non-empty strings")
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.12
 
 
 @dataclass
@@ -41,15 +46,21 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
-    logprobs: int | None = None
+    logprobs: int | None = None  # top-k logprobs of each generated token (beside the sampled one's)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # sample only among these
-    guided_decoding: GuidedDecodingParams | None = None  # structured output: JSON schema, regex, choice
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
+    guided_decoding: InitVar[StructuredOutputsParams | None] = None  # its name before vLLM 0.12
     stop_strings: list[str] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, guided_decoding: StructuredOutputsParams | None) -> None:
+        if guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or its old name guided_decoding, not both")
+            self.structured_outputs = guided_decoding
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop]
         else:
@@ -78,8 +89,10 @@ class SamplingParams:
             (isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+             f"logprobs must be a non-negative integer, got {self.logprobs}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+             f"prompt_logprobs must be a non-negative integer, got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),

@@ -21,10 +21,13 @@ class StepInputs:
     tables: torch.Tensor  # [B, W] block tables, padded with block 0
     copies: torch.Tensor  # [C, 2] (src, dst) block copies to make first (copy-on-write)
     sample_rows: torch.Tensor  # [S] batch rows whose last token is sampled (a row repeats for n samples)
+    # [P, 3] rows whose prompt tokens' logprobs are wanted: (batch row, top k, the prompt token after the chunk or -1)
+    prompt_logprobs: torch.Tensor
 
     @classmethod
     def build(cls, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
-              copies: list[tuple[int, int]] = (), sample_rows: list[int] = ()) -> StepInputs:
+              copies: list[tuple[int, int]] = (), sample_rows: list[int] = (),
+              prompt_logprobs: list[tuple[int, int, int]] = ()) -> StepInputs:
         """One row per sequence: the token ids it computes now, how many it had computed, its block table. Rows hold
         decodes (one new token) first, by context length, then prompt chunks by length (see forward_context.py)."""
         width = max(len(t) for t in tables)
@@ -35,19 +38,20 @@ class StepInputs:
             tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
             copies=torch.tensor(list(copies), dtype=torch.long).view(-1, 2),
             sample_rows=torch.tensor(list(sample_rows), dtype=torch.long),
+            prompt_logprobs=torch.tensor(list(prompt_logprobs), dtype=torch.long).view(-1, 3),
         )
 
     def pack(self) -> torch.Tensor:
         header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
-                               len(self.sample_rows)])
+                               len(self.sample_rows), len(self.prompt_logprobs)])
         return torch.cat([header, self.token_ids, self.starts, self.lens, self.tables.reshape(-1), self.copies.reshape(-1),
-                          self.sample_rows])
+                          self.sample_rows, self.prompt_logprobs.reshape(-1)])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor) -> StepInputs:
-        t, b, w, c, s = flat[:5].tolist()
-        parts = flat[5:].split([t, b, b, b * w, 2 * c, s])
-        return cls(parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4].view(c, 2), parts[5])
+        t, b, w, c, s, p = flat[:6].tolist()
+        parts = flat[6:].split([t, b, b, b * w, 2 * c, s, 3 * p])
+        return cls(parts[0], parts[1], parts[2], parts[3].view(b, w), parts[4].view(c, 2), parts[5], parts[6].view(p, 3))
 
 
 @dataclass
@@ -71,6 +75,26 @@ class SamplingMetadata:
     guided: tuple[torch.Tensor, torch.Tensor] | None  # (rows, [rows, vocab] allowed by their structured output)
     generators: dict[int, torch.Generator]  # seeded rows' own noise sources
     num_logprobs: int  # max top-k logprobs any row wants; -1 for none
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens, for the rows of StepInputs.prompt_logprobs in order: row i's positions are
+    `counts[i]` consecutive entries."""
+
+    counts: list[int]
+    token_logprobs: torch.Tensor  # [N] each prompt token's logprob given the tokens before it
+    ranks: torch.Tensor  # [N]
+    top_ids: torch.Tensor  # [N, K]
+    top_logprobs: torch.Tensor  # [N, K]
+
+
+@dataclass
+class StepOutput:
+    """What the executor returns for a step: the sampled rows' tokens and any prompt logprobs."""
+
+    sampled: SamplerOutput | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass

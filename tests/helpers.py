@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -84,3 +88,32 @@ def plan_for(model: str | None, concurrency: int = 8, device_memory: int | None 
 
     args = EngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, device="cpu", **engine_args)
     return make_plan(args.create_engine_config(model_config_for(model)), concurrency, device_memory)
+
+
+@contextlib.contextmanager
+def running_server(model: str, *args: str):
+    """A real `pagedllm serve` process on a free port: yields (base URL, process); killed afterwards."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", model, "--port", str(port), "--log-level",
+           "warning", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read()
+    else:
+        proc.kill()
+        pytest.fail("server did not start")
+    try:
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -37,7 +37,7 @@ def test_dp2_equals_dp1_and_uses_both_replicas(tiny_models, dp_llm):
     with pytest.raises(ValueError, match="max_model_len"):
         dp_llm.generate({"prompt_token_ids": [5] * 200}, use_tqdm=False)
     # structured outputs: the front checks the constraint (a 400 behind the server), the replica guides
-    with pytest.raises(ValueError, match="guided-decoding index"):
+    with pytest.raises(ValueError, match="invalid structured-output constraint"):
         dp_llm.generate("hi", SamplingParams(guided_decoding=GuidedDecodingParams(regex="(unclosed")), use_tqdm=False)
     out = dp_llm.generate("hi", SamplingParams(max_tokens=5, guided_decoding=GuidedDecodingParams(choice=["yes", "no"])),
                           use_tqdm=False)[0]

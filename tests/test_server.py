@@ -6,8 +6,6 @@ import concurrent.futures
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,7 +13,7 @@ import openai
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from tests.helpers import free_port, random_prompts
+from tests.helpers import random_prompts, running_server
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -23,26 +21,9 @@ MAX_MODEL_LEN = 512
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", tiny_models["qwen3"], "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY,
-           "--served-model-name", "tiny", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        assert proc.poll() is None, proc.stdout.read()
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
-    yield base, proc
-    if proc.poll() is None:
-        proc.kill()
+    with running_server(tiny_models["qwen3"], "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--api-key", API_KEY, "--served-model-name", "tiny") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +183,24 @@ def test_echo_prepends_the_prompt(client):
     plain = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0)
     echoed = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == "Hello world" + plain.choices[0].text
+
+
+def test_echo_with_logprobs_scores_the_prompt(client):
+    r = client.completions.create(model="tiny", prompt="Hello world, how are you", max_tokens=3, temperature=0,
+                                  echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and "".join(lp.tokens[:n_prompt]) == "Hello world, how are you"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    prompt_lps = r.choices[0].model_extra["prompt_logprobs"]
+    assert prompt_lps[0] is None and all(e for e in prompt_lps[1:])
+    with pytest.raises(openai.BadRequestError, match="max-logprobs"):
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=1, logprobs=25)
+
 
 
 def test_models_tokenize_detokenize(server, client):

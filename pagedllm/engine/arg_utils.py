@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
 
 from pagedllm.config import (
+    GENERATION_FIELDS,
     CacheConfig,
     EngineConfig,
     LoadConfig,
@@ -15,6 +17,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
     parse_dtype,
+    read_generation_defaults,
 )
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
@@ -46,6 +49,9 @@ class EngineArgs:
     data_parallel_routing: str = "least-loaded"  # or "prefix-affinity"
     quantization: str | None = None
     load_format: str = "auto"  # or "dummy": random weights, only the config is read (vLLM's name)
+    generation_config: str = "auto"  # "auto": the checkpoint's generation_config.json; "vllm": none; or a folder
+    override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the above
+    max_logprobs: int = 20
 
     @classmethod
     def names(cls) -> set[str]:
@@ -94,8 +100,10 @@ class EngineArgs:
                                   tuple(self.pipeline_partition) if self.pipeline_partition else None,
                                   self.data_parallel_size, self.data_parallel_routing)
         parallel.check(model_config)
+        defaults = tuple(sorted(self._sampling_defaults(model_path).items()))
         return EngineConfig(
-            model=dataclasses.replace(model_config, dtype=dtype),
+            model=dataclasses.replace(model_config, dtype=dtype, sampling_defaults=defaults,
+                                      max_logprobs=self.max_logprobs),
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.gpu_memory_utilization,
                               self.num_gpu_blocks_override, self.kv_cache_memory,
                               dtype if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)),
@@ -104,6 +112,23 @@ class EngineArgs:
             load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, self.quantization, self.seed),
             device=resolve_device(self.device),
         )
+
+    def _sampling_defaults(self, model_path: str) -> dict:
+        """What requests that leave sampling fields unset get: the model's recommendations (vLLM's
+        --generation-config auto), none (vllm), or another folder's; then --override-generation-config."""
+        if self.generation_config == "vllm":
+            defaults = {}
+        else:
+            folder = model_path if self.generation_config == "auto" else self.generation_config
+            if self.generation_config != "auto" and not os.path.isdir(folder):
+                raise ValueError(f"generation_config must be auto, vllm or a folder, got {folder!r}")
+            defaults = read_generation_defaults(folder) if os.path.isdir(folder) else {}
+        for name, value in (self.override_generation_config or {}).items():
+            ours = GENERATION_FIELDS.get(name, name)
+            if ours not in GENERATION_FIELDS.values():
+                raise ValueError(f"override_generation_config: {name!r} is not one of {', '.join(GENERATION_FIELDS)}")
+            defaults[ours] = value
+        return defaults
 
     def _scheduler_config(self, model: ModelConfig) -> SchedulerConfig:
         """max_model_len and the step's token budget, checked against each other and the model."""

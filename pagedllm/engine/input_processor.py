@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.guided_decoding import GuidedDecoding
+from pagedllm.engine.chat_template import ChatOptions, render_chat
+from pagedllm.engine.structured_outputs import StructuredOutputs
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -39,30 +40,30 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size, self.max_model_len = config.model.vocab_size, config.max_model_len
+        self.sampling_defaults = dict(config.model.sampling_defaults)
+        self.max_logprobs = config.model.max_logprobs
+        self.pipeline = config.parallel.pipeline_parallel_size > 1
         self._ids = itertools.count()
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self._guided: GuidedDecoding | None = None  # built on the first constrained request
+        self._structured: StructuredOutputs | None = None  # built on the first constrained request
 
     def guide(self, params: SamplingParams):
-        """A fresh guided-decoding state for one sequence of a constrained request (None for others); a constraint
-        that cannot be compiled is a ValueError. Indexes are cached, so checking one here and building the state
+        """A fresh structured-output matcher for one sequence of a constrained request (None for others); a constraint
+        that cannot be compiled is a ValueError. Grammars are cached, so checking one here and building the state
         later compiles it once."""
-        if params.guided_decoding is None:
+        if params.structured_outputs is None:
             return None
-        if self._guided is None:
-            self._guided = GuidedDecoding(self.tokenizer)
-        return self._guided.guide(params.guided_decoding)
+        if self._structured is None:
+            self._structured = StructuredOutputs(self.tokenizer, self.vocab_size)
+        return self._structured.matcher(params.structured_outputs)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template")
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    def chat_prompt(self, messages: list[dict], options: ChatOptions | None = None) -> dict:
+        """A conversation as a prompt (its text and token ids) through the chat template."""
+        text = render_chat(self.tokenizer, messages, options or ChatOptions())
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -85,11 +86,15 @@ class InputProcessor:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams for a request that sets nothing: vLLM's defaults under the model's generation config."""
+        return SamplingParams(**self.sampling_defaults)
+
     def process(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None) -> ProcessedPrompt:
         """Tokenize and check one request; ValueError says what is wrong with it. A ProcessedPrompt passes as it is."""
         if isinstance(prompt, ProcessedPrompt):
             return prompt
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
@@ -100,6 +105,12 @@ class InputProcessor:
         if any(not 0 <= t < self.vocab_size for t in params.token_ids_in_use()):
             raise ValueError(f"stop_token_ids, logit_bias and allowed_token_ids must name token ids in "
                              f"[0, {self.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.max_logprobs:
+                raise ValueError(f"{name} {getattr(params, name)} exceeds the server's limit of {self.max_logprobs} "
+                                 "(--max-logprobs)")
+        if params.prompt_logprobs is not None and self.pipeline:
+            raise ValueError("prompt_logprobs are not supported with pipeline parallelism yet")
         self.guide(params)  # compiles (and caches) the constraint, so a bad one fails here
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,16 +37,28 @@ class _Launched:
     batch: list[ScheduledSeq]
     rows: list[tuple[int, Sequence]]
     forks: list[tuple[Sequence, Sequence]]
+    prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk start): prompt logprobs
     sampling: SamplingMetadata | None = None
     flight: object = None  # the executor's handle for collect()
     error: Exception | None = None
 
 
-def step_inputs(batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_rows: list[int]) -> StepInputs:
+def step_inputs(batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_rows: list[int],
+                prompt_rows: list[tuple[int, int, int]] = ()) -> StepInputs:
     """A scheduled batch as the plain tensors the workers take."""
     return StepInputs.build(
         [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
-        [s.seq.num_computed_tokens for s in batch], [s.seq.block_table for s in batch], copies, sample_rows)
+        [s.seq.num_computed_tokens for s in batch], [s.seq.block_table for s in batch], copies, sample_rows,
+        prompt_rows)
+
+
+def prompt_logprob_row(i: int, s: ScheduledSeq) -> tuple[int, int, int] | None:
+    """(batch row, top k, the prompt token after the chunk or -1) when this chunk has prompt tokens to score."""
+    seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+    if seq.params.prompt_logprobs is None or start >= seq.num_prompt_tokens:
+        return None
+    following = seq.token_ids[start + n] if start + n < seq.num_prompt_tokens else -1
+    return (i, seq.params.prompt_logprobs, following) if n > 1 or following >= 0 else None
 
 
 class LLMEngine:
@@ -57,6 +69,9 @@ class LLMEngine:
                              "yet: leave kv_cache_dtype at auto")
         self.tokenizer = load_tokenizer(config.load.tokenizer or config.load.model_path)
         self.processor = InputProcessor(config, self.tokenizer)
+        if config.model.sampling_defaults:
+            logger.info("Default sampling parameters have been overridden by the model's generation config: %s",
+                        dict(config.model.sampling_defaults))
         self.executor: Executor = (MultiprocExecutor if config.parallel.world_size > 1 else UniProcExecutor)(config)
         try:
             num_blocks = determine_num_blocks(config, self.executor)
@@ -183,12 +198,15 @@ class LLMEngine:
                     child.guide = self.processor.guide(child.params)  # forked before any output: a fresh state
                     forks.append((s.seq, child))
                     rows.append((i, child))
-        launched = _Launched(out, batch, rows, forks)
+        prompt_rows = [r for i, s in enumerate(batch) if (r := prompt_logprob_row(i, s)) is not None]
+        launched = _Launched(out, batch, rows, forks, [(batch[r[0]].seq, batch[r[0]].seq.num_computed_tokens)
+                                                       for r in prompt_rows])
         try:
             if rows:
                 launched.sampling = build_sampling_metadata([seq for _, seq in rows], self.config.model.vocab_size,
                                                             self.processor.eos_token_ids, self.executor.driver.device)
-            launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [i for i, _ in rows]))
+            launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [i for i, _ in rows],
+                                                               prompt_rows))
         except Exception as exc:
             launched.error = exc
         return launched
@@ -215,8 +233,10 @@ class LLMEngine:
             child.num_computed_tokens = parent.num_computed_tokens
             self.scheduler.fork(parent, child)
             parent.request.seqs.append(child)
-        if result is not None:
-            self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result)
+        if result.prompt_logprobs is not None:
+            self.output_processor.append_prompt_logprobs(launched.prompt_rows, result.prompt_logprobs)
+        if result.sampled is not None:
+            self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result.sampled)
         # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
         touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
         return [self._output(req) for req in touched if req.request_id in self.requests]

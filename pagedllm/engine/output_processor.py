@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pagedllm.engine.detokenizer import Detokenizer, find_stop
 from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.step import SamplerOutput
+from pagedllm.step import PromptLogprobs, SamplerOutput
 
 
 class OutputProcessor:
@@ -33,30 +33,44 @@ class OutputProcessor:
             if seq.is_finished:
                 continue
             guided = seq.guide is not None and token not in self.eos_token_ids
-            if guided and not seq.guide.accepts_tokens([token]):
+            if guided and not seq.guide.consume_token(token):
                 # the constraint allowed nothing samplable (min_tokens banned the EOS that completes it): it ends here
                 seq.finish_reason = "stop"
                 self.finish(seq)
                 continue
             seq.token_ids.append(token)
             appended += 1
-            if guided:
-                seq.guide.advance(token)
             m = seq.request.metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now
             if lps is not None:
                 seq.cumulative_logprob += lps[j]
                 if seq.params.logprobs is not None:
-                    seq.logprobs.append(self._logprob_entry(result, j, token, seq.params.logprobs))
+                    k = seq.params.logprobs
+                    top = (result.top_ids[j, :k].tolist(), result.top_logprobs[j, :k].tolist()) if k else ([], [])
+                    seq.logprobs.append(self._logprob_entry(token, lps[j], int(result.ranks[j]), *top))
             self._check_stop(seq, token)
         return appended
 
-    def _logprob_entry(self, result: SamplerOutput, j: int, token: int, k: int) -> dict[int, Logprob]:
-        entry = {token: Logprob(result.logprobs[j].item(), int(result.ranks[j]), self._piece(token))}
-        if k > 0:
-            for rank, (tid, lp) in enumerate(zip(result.top_ids[j, :k].tolist(), result.top_logprobs[j, :k].tolist()), 1):
-                entry.setdefault(tid, Logprob(lp, rank, self._piece(tid)))
+    def append_prompt_logprobs(self, rows: list[tuple[Sequence, int]], result: PromptLogprobs) -> None:
+        """Row i of the step's prompt-logprob rows scored `result.counts[i]` tokens from its chunk start + 1."""
+        lps, ranks = result.token_logprobs.tolist(), result.ranks.tolist()
+        top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()
+        offset = 0
+        for (seq, start), count in zip(rows, result.counts):
+            logprobs, k = seq.request.prompt_logprobs, seq.params.prompt_logprobs
+            # positions already there (a chunk computed again after preemption) or past the prompt are skipped
+            for j in range(offset + max(0, len(logprobs) - start - 1), offset + min(count, seq.num_prompt_tokens - start - 1)):
+                token = seq.token_ids[start + 1 + j - offset]
+                logprobs.append(self._logprob_entry(token, lps[j], ranks[j], top_ids[j][:k], top_lps[j][:k]))
+            offset += count
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int],
+                       top_logprobs: list[float]) -> dict[int, Logprob]:
+        """The token's logprob and rank, and the top-k (most likely first) beside it."""
+        entry = {token: Logprob(logprob, rank, self._piece(token))}
+        for r, (tid, lp) in enumerate(zip(top_ids, top_logprobs), 1):
+            entry.setdefault(tid, Logprob(lp, r, self._piece(tid)))
         return entry
 
     def _piece(self, token: int) -> str | None:
@@ -102,4 +116,5 @@ class OutputProcessor:
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             ))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions,
-                             req.is_finished or req.error is not None, req.metrics, req.num_cached_tokens, req.error)
+                             req.is_finished or req.error is not None, req.metrics, req.num_cached_tokens, req.error,
+                             req.prompt_logprobs)

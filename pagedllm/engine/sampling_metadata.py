@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.engine.guided_decoding import allowed_mask
 from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.structured_outputs import allowed_mask
 from pagedllm.step import SamplingMetadata
 
 

@@ -90,7 +90,8 @@ class Scheduler:
         while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.scheduled) < max_seqs):
             seq = self.waiting[0]
-            cached = bm.find_cached_prefix(seq)
+            # a cached prefix has no logits to score: requests for prompt logprobs compute theirs (as vLLM)
+            cached = bm.find_cached_prefix(seq) if seq.params.prompt_logprobs is None else []
             num_new = seq.num_tokens - len(cached) * bm.block_size
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:

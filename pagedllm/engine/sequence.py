@@ -45,7 +45,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     detok: DetokState = field(default_factory=DetokState)
-    guide: object | None = None  # guided decoding's state machine (engine/guided_decoding.py), if constrained
+    guide: object | None = None  # its structured-output matcher (engine/structured_outputs.py), if constrained
 
     @property
     def params(self) -> SamplingParams:
@@ -96,8 +96,11 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None] (the first token), then one per token
 
     def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
         seq = Sequence(self, 0, list(self.prompt_token_ids), len(self.prompt_token_ids))
         seq.generator = _make_generator(self.params.seed, 0)
         self.seqs.append(seq)

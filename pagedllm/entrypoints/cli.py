@@ -67,7 +67,7 @@ def cmd_chat(ns: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        out = _run(engine, {"prompt_token_ids": engine.processor.apply_chat_template(messages)}, params)
+        out = _run(engine, engine.processor.chat_prompt(messages), params)
         messages.append({"role": "assistant", "content": out.outputs[0].text})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.memory.units import parse_bytes
@@ -14,6 +15,16 @@ def _size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def layer_counts(text: str) -> list[int]:
@@ -52,6 +63,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
                    help="how requests are spread over data-parallel replicas")
     g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults for what a request leaves unset: auto (the model's generation_config.json), "
+                        "vllm (vLLM's own defaults) or a folder holding a generation_config.json")
+    g.add_argument("--override-generation-config", type=_json_object, default=None,
+                   help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
+    g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights from the model's config alone (a checkpoint folder, or a built-in "
                         "name such as qwen3-0.6b), for benchmarks of model shapes with no weights at hand")
@@ -65,21 +82,21 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--chat-template", default=None, help="a chat template file (or the template itself) instead of the "
+                                                          "model's")
+    s.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+                   help="JSON object of template variables for every chat request, e.g. '{\"enable_thinking\": false}'")
+    s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
+                   help="split the thinking into message.reasoning_content")
+    s.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto" (needs a parser)')
+    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+                   help="how the model writes tool calls: hermes (Qwen, Hermes), llama3_json (Llama 3.x)")
     add_engine_args(s)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device, seed=ns.seed,
-        max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
-        enable_chunked_prefill=ns.enable_chunked_prefill, gpu_memory_utilization=ns.gpu_memory_utilization,
-        num_gpu_blocks_override=ns.num_gpu_blocks_override, kv_cache_memory=ns.kv_cache_memory,
-        quantization=ns.quantization, tensor_parallel_size=ns.tensor_parallel_size,
-        data_parallel_size=ns.data_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
-        data_parallel_routing=ns.data_parallel_routing, pipeline_partition=ns.pipeline_partition,
-        load_format=ns.load_format,
-    )
+    """Every engine flag has its EngineArgs field's name."""
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.names() if hasattr(ns, name)})
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:

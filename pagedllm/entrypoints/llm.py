@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from tqdm import tqdm
 
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.chat_template import ChatOptions
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.protocol import EngineClient
@@ -25,6 +26,11 @@ class LLM:
         if unknown:
             raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
         self.engine: EngineClient = create_engine(EngineArgs(model=model, **kwargs))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use when given no SamplingParams: the model's generation config
+        (generation_config="auto") over vLLM's defaults."""
+        return self.engine.processor.default_sampling_params()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -57,7 +63,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -70,10 +76,17 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
+        """One conversation or several, through the model's chat template (or `chat_template`); `tools` and
+        `chat_template_kwargs` (e.g. {"enable_thinking": False} for Qwen3) reach the template."""
+        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template,
+                              chat_template_kwargs or {}, tools)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = self.engine.processor.apply_chat_template
-        prompts = [{"prompt_token_ids": template(c, add_generation_prompt)} for c in conversations]
+        prompts = [self.engine.processor.chat_prompt(c, options) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, work: list[tuple[PromptType, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:

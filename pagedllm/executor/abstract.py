@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.step import SamplerOutput, SamplingMetadata, StepInputs
+from pagedllm.step import PromptLogprobs, SamplingMetadata, StepInputs, StepOutput
 from pagedllm.worker.worker import Worker
 
 
@@ -20,15 +20,15 @@ class Executor:
         """Start a step; the handle goes to collect(). With a pipeline several steps may be in flight."""
         raise NotImplementedError
 
-    def _logits(self, flight) -> torch.Tensor | None:
+    def _results(self, flight) -> tuple[torch.Tensor | None, PromptLogprobs | None]:
+        """The last stage's (logits of the sampled rows, prompt logprobs) of a step in flight."""
         raise NotImplementedError
 
-    def collect(self, flight, sampling: SamplingMetadata | None) -> SamplerOutput | None:
-        """Finish a step: the sampled rows' tokens (None when it sampled nothing)."""
-        logits = self._logits(flight)
-        if logits is None or sampling is None:
-            return None
-        return self.driver.sample(logits, sampling)
+    def collect(self, flight, sampling: SamplingMetadata | None) -> StepOutput:
+        """Finish a step: the sampled rows' tokens (when it sampled any) and prompt logprobs (when asked for)."""
+        logits, prompt = self._results(flight)
+        sampled = self.driver.sample(logits, sampling) if logits is not None and sampling is not None else None
+        return StepOutput(sampled, prompt)
 
     def collective_rpc(self, method: str, *args, reply: bool = True) -> list:
         """Call Worker.method(*args) on every rank; their results, rank 0's first (only rank 0's without reply)."""

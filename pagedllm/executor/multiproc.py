@@ -74,7 +74,7 @@ class _Ranks:
 
 @dataclass
 class _Flight:
-    logits: torch.Tensor | None  # without a pipeline the step is done at submit
+    results: tuple | None  # without a pipeline the step is done at submit: (logits, prompt logprobs)
     pending: Pending
     num_rows: int  # with a pipeline: sampled rows whose logits the last stage sends back
 
@@ -142,16 +142,16 @@ class MultiprocExecutor(Executor):
         self.started = self.started or time.time()
         try:
             pending = post_command(CMD_STEP, step.pack(), range(1, self.world), self.device)
-            logits = self.driver.execute_step(step, pending)
+            results = self.driver.execute_step(step, pending)
             if self.stages == 1:
                 pending.wait()
         except Exception as exc:
             raise self._gone(exc) from exc
-        return _Flight(logits, pending, len(step.sample_rows))
+        return _Flight(results, pending, len(step.sample_rows))
 
-    def _logits(self, flight: _Flight) -> torch.Tensor | None:
+    def _results(self, flight: _Flight) -> tuple:
         if self.stages == 1:
-            return flight.logits
+            return flight.results
         try:
             logits = None
             if flight.num_rows:
@@ -165,7 +165,7 @@ class MultiprocExecutor(Executor):
         except Exception as exc:
             self.check_health()
             raise self._gone(exc) from exc
-        return logits
+        return logits, None  # prompt logprobs are refused under pipeline parallelism (InputProcessor)
 
     def collective_rpc(self, method: str, *args, reply: bool = True) -> list:
         self.check_health()

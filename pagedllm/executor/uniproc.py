@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from pagedllm.config import EngineConfig
 from pagedllm.executor.abstract import Executor
 from pagedllm.step import StepInputs
@@ -14,11 +12,11 @@ class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig):
         self.driver = Worker(config, 0)
 
-    def submit(self, step: StepInputs) -> torch.Tensor | None:
-        """Without a pipeline a step runs to the end at once; its handle is its logits."""
+    def submit(self, step: StepInputs) -> tuple:
+        """Without a pipeline a step runs to the end at once; its handle is its results."""
         return self.driver.execute_step(step)
 
-    def _logits(self, flight: torch.Tensor | None) -> torch.Tensor | None:
+    def _results(self, flight: tuple) -> tuple:
         return flight
 
     def collective_rpc(self, method: str, *args, reply: bool = True) -> list:

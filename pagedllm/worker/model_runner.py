@@ -12,7 +12,7 @@ from pagedllm.layers.custom_op import enable_native_ops
 from pagedllm.model_loader.weights import build_model
 from pagedllm.models.decoder import Stage
 from pagedllm.platform import advise_huge_pages, move_to_huge_pages
-from pagedllm.step import StepInputs
+from pagedllm.step import PromptLogprobs, StepInputs
 from pagedllm.worker.input_builder import InputBuilder
 
 
@@ -68,15 +68,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: StepInputs, hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """Run one step: logits of the sampled rows (every tensor-parallel rank computes them), or, on a pipeline
-        stage before the last, the (hidden, residual) to pass on."""
+        """Run one step. The last stage returns (logits of the sampled rows or None, PromptLogprobs or None); every
+        tensor-parallel rank computes them. A pipeline stage before the last returns (hidden, residual) to pass on."""
         hidden = self.forward(step, hidden, residual)
         if not self.model.stage.last:
             return hidden
+        prompt = self._prompt_logprobs(step, hidden) if len(step.prompt_logprobs) else None
         if not len(step.sample_rows):
-            return None
+            return None, prompt
         last = torch.cumsum(step.lens, 0) - 1
-        return self.model.compute_logits(hidden[last[step.sample_rows].to(self.device)])
+        return self.model.compute_logits(hidden[last[step.sample_rows].to(self.device)]), prompt
+
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, chunk: int = 256) -> PromptLogprobs:
+        """Each requested row's prompt tokens after its chunk's first, scored by the positions before them (the last
+        position scores the prompt token after the chunk, when there is one). Logits in pieces of `chunk` positions
+        keep the fp32 [positions, vocab] tensors small."""
+        first = torch.cumsum(step.lens, 0) - step.lens
+        positions, targets, counts = [], [], []
+        for row, _, following in step.prompt_logprobs.tolist():
+            a, n = int(first[row]), int(step.lens[row])
+            nxt = step.token_ids[a + 1:a + n]
+            if following >= 0:
+                nxt = torch.cat([nxt, torch.tensor([following])])
+            positions.append(torch.arange(a, a + len(nxt)))
+            targets.append(nxt)
+            counts.append(len(nxt))
+        positions, targets = torch.cat(positions).to(self.device), torch.cat(targets).to(self.device)
+        k = max(1, int(step.prompt_logprobs[:, 1].max()))
+        parts = []
+        for i in range(0, len(positions), chunk):
+            lp = self.model.compute_logits(hidden[positions[i:i + chunk]]).float().log_softmax(-1)
+            chosen = lp.gather(1, targets[i:i + chunk, None])
+            top = lp.topk(k, dim=-1)
+            parts.append((chosen.squeeze(1), (lp > chosen).sum(-1) + 1, top.indices, top.values))
+        return PromptLogprobs(counts, *(torch.cat(x) for x in zip(*parts)))
 
     @torch.inference_mode()
     def score(self, step: StepInputs) -> torch.Tensor:

@@ -58,8 +58,8 @@ class Worker:
 
     # ---- a step ---------------------------------------------------------------------------------
     def execute_step(self, step: StepInputs, pending: Pending | None = None):
-        """Run this rank's part of a step; return the logits of the sampled rows where this rank computed them (the last
-        stage), else None. A stage before the last passes (hidden, residual) on, rank 0 without waiting (the sends
+        """Run this rank's part of a step; on the last stage return (logits of the sampled rows or None, prompt
+        logprobs or None), elsewhere None. A stage before the last passes (hidden, residual) on, rank 0 without waiting (the sends
         join `pending`). Every stage adds its busy seconds to a vector that travels with the activations and returns
         to rank 0 with the logits, so the pipeline's bubbles can be measured."""
         pp = self.config.parallel.pipeline_parallel_size
@@ -85,8 +85,8 @@ class Worker:
                     dist.send(t, self.rank + self.tp, tag=TAG_DATA)
             return None
         if self.tp_rank == 0:
-            if out is not None:
-                dist.send(out.contiguous(), 0, tag=TAG_DATA)
+            if out[0] is not None:
+                dist.send(out[0].contiguous(), 0, tag=TAG_DATA)
             dist.send(busy, 0, tag=TAG_DATA)
         return out
 

@@ -19,12 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.chat_template import ChatOptions, load_chat_template
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.metrics import Metrics
-from pagedllm.entrypoints.openai.serving import APIError, OpenAIServing
+from pagedllm.entrypoints.openai.serving import APIError
+from pagedllm.entrypoints.openai.serving_chat import ChatSettings, OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.model_loader.resolve import EMBEDDED_MODEL_NAME
 
 logger = logging.getLogger("pagedllm")
@@ -37,13 +40,15 @@ def _served_names(engine: EngineClient, served_model_name: str | None) -> list[s
 
 
 def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_name: str | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, chat_settings: ChatSettings | None = None) -> FastAPI:
     """`engine`, or a function that builds it (on the engine thread, where all its torch work then runs)."""
     async_engine = AsyncLLMEngine(engine)
     engine = async_engine.engine
     metrics = Metrics(engine)
     async_engine.on_finished = metrics.observe_finished  # before the server takes any request
-    serving = OpenAIServing(async_engine, _served_names(engine, served_model_name))
+    names = _served_names(engine, served_model_name)
+    serving = OpenAIServingCompletion(async_engine, names)
+    chat_serving = OpenAIServingChat(async_engine, names, chat_settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,7 +110,7 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
 
     @app.post("/v1/chat/completions")
     async def chat(req: p.ChatCompletionRequest, raw: Request):
-        return await serving.chat(req, raw)
+        return await chat_serving.chat(req, raw)
 
     @app.post("/tokenize")
     async def tokenize(req: p.TokenizeRequest):
@@ -115,8 +120,17 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         if req.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = await async_engine.call(lambda e: e.processor.apply_chat_template(messages, req.add_generation_prompt))
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            settings = chat_serving.settings
+            options = ChatOptions(req.add_generation_prompt, chat_template=settings.chat_template,
+                                  chat_template_kwargs={**settings.default_chat_template_kwargs,
+                                                        **(req.chat_template_kwargs or {})},
+                                  tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None)
+            try:
+                prompt = await async_engine.call(lambda e: e.processor.chat_prompt(messages, options))
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            ids = prompt["prompt_token_ids"]
         else:
             ids = await async_engine.call(lambda e: e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
@@ -156,7 +170,9 @@ def cmd_serve(ns: argparse.Namespace) -> None:
         raise ValueError("give the model once: either MODEL or --model")
     ns.model = ns.model_tag or ns.model
     args = engine_args_from(ns)
-    app = build_app(lambda: create_engine(args), ns.served_model_name, ns.api_key)
+    settings = ChatSettings(load_chat_template(ns.chat_template), ns.default_chat_template_kwargs or {},
+                            ns.reasoning_parser, ns.enable_auto_tool_choice, ns.tool_call_parser)
+    app = build_app(lambda: create_engine(args), ns.served_model_name, ns.api_key, settings)
     logger.info("serving %s on http://%s:%d/v1", app.state.engine.engine.config.model.name, ns.host, ns.port)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
     GracefulServer(config).run()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import GuidedDecodingParams, SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def random_id(prefix: str) -> str:
@@ -50,31 +50,36 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     allowed_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = None  # vLLM's structured-output fields
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
+    guided_json: dict[str, Any] | str | None = None  # its older spellings
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's: top-k logprobs of every prompt token after the first
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        optional = {k: v for k, v in {
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
-        }.items() if v is not None}
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
+        """The request's fields; those it leaves unset take `defaults` (the model's generation config), then vLLM's."""
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                 "repetition_penalty": self.repetition_penalty, "max_tokens": max_tokens}
+        chosen = {"max_tokens": None, **defaults, **{k: v for k, v in given.items() if v is not None}}
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+            min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self._logit_bias(), allowed_token_ids=self.allowed_token_ids,
-            guided_decoding=self._guided_decoding(), **optional,
+            structured_outputs=self._structured_outputs(), **chosen,
         )
 
-    def _guided_decoding(self) -> GuidedDecodingParams | None:
-        """OpenAI's response_format or vLLM's guided_json / guided_regex / guided_choice: one of them."""
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """vLLM's structured_outputs, its older guided_* fields or OpenAI's response_format: one constraint."""
         given = [(k, v) for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
-                                     ("choice", self.guided_choice)) if v is not None]
+                                     ("choice", self.guided_choice), ("grammar", self.guided_grammar)) if v is not None]
+        if self.structured_outputs is not None:
+            given += list(self.structured_outputs.items())
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
             given.append(("json_object", True))
@@ -84,7 +89,11 @@ class SamplingFields(OpenAIModel):
             given.append(("json", fmt.json_schema["schema"]))
         if len(given) > 1:
             raise ValueError(f"give one structured-output constraint, not {len(given)}")
-        return GuidedDecodingParams(**dict(given)) if given else None
+        try:
+            return StructuredOutputsParams(**dict(given)) if given else None
+        except TypeError:
+            raise ValueError(f"unknown structured_outputs field in {sorted(self.structured_outputs)}; use one of "
+                             "json, regex, choice, grammar, json_object") from None
 
     def _logit_bias(self) -> dict[int, float] | None:
         """Token ids from their string keys, biases clamped to [-100, 100] (as OpenAI and vLLM)."""
@@ -100,17 +109,33 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs, the prompt tokens' logprobs come first (the first is null), as vLLM's
 
 
 class ChatMessage(OpenAIModel):
+    """A message as OpenAI defines it; every field (tool_calls, tool_call_id, name, ...) reaches the template."""
+
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text is understood
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
+
+class FunctionDefinition(OpenAIModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # {"name": ...}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -120,6 +145,22 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. Qwen3's {"enable_thinking": false}
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def resolved_tool_choice(self) -> str:
+        """none, auto, required, or the named function's name (prefixed "function:")."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            return "function:" + choice.function.get("name", "")
+        return choice
 
 
 class UsageInfo(BaseModel):
@@ -135,77 +176,36 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+PromptLogprobsOut = list[dict[str, dict[str, Any]] | None]  # vLLM's: token id -> {logprob, rank, decoded_token}
+
+
+def prompt_logprobs_out(entries: list | None) -> PromptLogprobsOut | None:
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
-class CompletionResponse(BaseModel):
+class ResponseBase(BaseModel):
+    """What every response and stream chunk opens with (its `object` names its kind)."""
+
     id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class CompletionResponse(ResponseBase):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ChatResponseMessage(BaseModel):
-    role: str = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class DeltaMessage(BaseModel):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 
 
@@ -215,6 +215,8 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):
