@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# computed as HF transformers computes them; "freq_factors" is llama.cpp's way to store Llama 3's (from GGUF files)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
 # the one table of dtype spellings: every alias -> its canonical name -> its torch dtype
 DTYPE_ALIASES = {
@@ -104,6 +106,20 @@ class ModelConfig:
     # sampling defaults for what a request leaves unset (generation_config.json and overrides), as (name, value)
     sampling_defaults: tuple[tuple[str, float | int], ...] = ()
     max_logprobs: int = 20  # the most top-k logprobs (of outputs or prompts) a request may ask for
+    rope_type: str = "default"
+    rope_scaling: str = ""  # the checkpoint's rope_scaling / rope_parameters as JSON, for transformers' RoPE functions
+
+    @property
+    def max_context(self) -> int:
+        """The longest context the model takes, as vLLM derives it: scaled by linear and YaRN RoPE scaling (YaRN from
+        its original context); Llama 3 and dynamic scaling keep max_position_embeddings."""
+        rope = json.loads(self.rope_scaling) if self.rope_scaling else {}
+        if self.rope_type == "linear":
+            return int(self.max_position_embeddings * rope["factor"])
+        if self.rope_type == "yarn":
+            original = rope.get("original_max_position_embeddings") or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(original * rope["factor"]))
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, name: str = "") -> ModelConfig:
@@ -112,10 +128,16 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {model_type!r}; pagedllm supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        quant = cfg.get("quantization_config")
+        if quant:  # cast without its scales, such weights would load wrong: refuse them
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise ValueError(f"this checkpoint's weights are quantized with {method!r}, which pagedllm cannot run yet; "
+                             "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8) "
+                             "and GGUF files")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope type {rope_type!r} is not supported yet (only the default rotary embedding)")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; pagedllm supports {', '.join(ROPE_TYPES)}")
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -138,6 +160,8 @@ class ModelConfig:
             dtype=parse_dtype(checkpoint_dtype),
             eos_token_ids=eos_ids,
             name=name,
+            rope_type=rope_type,
+            rope_scaling=json.dumps(rope, sort_keys=True) if rope_type != "default" else "",
         )
 
     def kv_heads_per_rank(self, tp: int) -> int:

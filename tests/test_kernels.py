@@ -80,6 +80,7 @@ def test_attention_kernel_rejects_bad_input():
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_fused_layers_match_torch_path(dtype, tol, tokens):
     """Each layer's native forward against its torch forward (same module, same inputs); odd sizes test row tails."""
+    from pagedllm.config import ModelConfig
     from pagedllm.layers.activation import SiluAndMul
     from pagedllm.layers.layernorm import RMSNorm
     from pagedllm.layers.rotary import RotaryEmbedding
@@ -98,7 +99,10 @@ def test_fused_layers_match_torch_path(dtype, tol, tokens):
     gate_up = torch.randn(tokens, 2 * 40, generator=g).to(dtype)
     torch.testing.assert_close(SiluAndMul().forward_native(gate_up), SiluAndMul().forward_torch(gate_up), **close)
 
-    rotary = RotaryEmbedding(16, 512, 10000.0)
+    rotary = RotaryEmbedding(ModelConfig.from_hf_dict({  # YaRN: scaled frequencies and cos / sin tables
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 512,
+        "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}}))
     positions = torch.randint(0, 512, (tokens,), generator=g)
     qkv = torch.randn(tokens, 3 * 2 * 16, generator=g).to(dtype)  # q, k, v of 2 heads each, as one projection
     def q_k(t):  # strided views into the projection, as the model passes them

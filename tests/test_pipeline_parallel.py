@@ -36,10 +36,13 @@ def test_pp2_under_preemption(tiny_models):
 def test_two_batches_in_flight_overlap_across_stages(tiny_models):
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=256, pipeline_parallel_size=2, max_num_seqs=4)
     try:
-        _greedy(llm, random_prompts(8, 100, 200, seed=91))
-        stage0, stage1 = llm.engine.executor.stage_times()
-        # stage 0 starts a later micro-batch before stage 1 has finished an earlier one
-        overlaps = sum(1 for a0, b0 in stage0 for a1, b1 in stage1 if a0 < b1 and a1 < b0)
+        for seed in (91, 92, 93):  # on a loaded 2-core machine one run can happen to serialise; three cannot all
+            _greedy(llm, random_prompts(8, 100, 200, seed=seed))
+            stage0, stage1 = llm.engine.executor.stage_times()
+            # stage 0 starts a later micro-batch before stage 1 has finished an earlier one
+            overlaps = sum(1 for a0, b0 in stage0 for a1, b1 in stage1 if a0 < b1 and a1 < b0)
+            if overlaps:
+                break
         assert overlaps > 0
         report = bubble_report([stage0, stage1], micro_batches=len(stage0))
         assert 0 < report["busy_fraction"][0] <= 1 and 0 < report["busy_fraction"][1] <= 1

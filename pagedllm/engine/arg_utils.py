@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,7 +23,43 @@ from pagedllm.config import (
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
 
+logger = logging.getLogger("pagedllm")
+
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+# vLLM engine arguments that scripts commonly pass and that change nothing here: accepted with a warning
+NO_EFFECT_ARGS = {
+    "enforce_eager": "there are no CUDA graphs to turn off yet",
+    "trust_remote_code": "pagedllm runs its own model code, never a checkpoint's",
+    "swap_space": "preemption recomputes instead of swapping to the CPU",
+    "cpu_offload_gb": "weights are not offloaded",
+    "disable_log_stats": "statistics are only logged on request",
+    "disable_log_requests": "requests are not logged",
+    "tokenizer_mode": "the checkpoint's fast tokenizer is always used",
+    "revision": "nothing is downloaded",
+    "tokenizer_revision": "nothing is downloaded",
+    "code_revision": "nothing is downloaded",
+    "download_dir": "nothing is downloaded",
+    "max_seq_len_to_capture": "there are no CUDA graphs yet",
+    "disable_custom_all_reduce": "all-reduces are torch.distributed's",
+    "distributed_executor_backend": "workers are always processes (spawned or torchrun)",
+    "max_parallel_loading_workers": "each rank loads its own shard",
+    "compilation_config": "the model is not compiled",
+    "task": "pagedllm generates text",
+    "structured_outputs_config": "structured outputs always use llguidance",
+    "guided_decoding_backend": "structured outputs always use llguidance",
+}
+
+
+def engine_kwargs(kwargs: dict) -> dict:
+    """The EngineArgs among `kwargs`; vLLM arguments with no effect here are dropped with a warning, anything else
+    is an error."""
+    unknown = sorted(set(kwargs) - EngineArgs.names() - set(NO_EFFECT_ARGS))
+    if unknown:
+        raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+    for name in sorted(set(kwargs) & set(NO_EFFECT_ARGS)):
+        logger.warning("engine argument %s=%r has no effect in pagedllm: %s", name, kwargs[name], NO_EFFECT_ARGS[name])
+    return {k: v for k, v in kwargs.items() if k in EngineArgs.names()}
 
 
 @dataclass
@@ -132,10 +169,10 @@ class EngineArgs:
 
     def _scheduler_config(self, model: ModelConfig) -> SchedulerConfig:
         """max_model_len and the step's token budget, checked against each other and the model."""
-        max_model_len = self.max_model_len or model.max_position_embeddings
-        if max_model_len > model.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
-                             f"{model.max_position_embeddings}")
+        max_model_len = self.max_model_len or model.max_context
+        if max_model_len > model.max_context:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {model.max_context} "
+                             "(max_position_embeddings, scaled by its RoPE scaling)")
         budget = self.max_num_batched_tokens or (
             DEFAULT_MAX_NUM_BATCHED_TOKENS if self.enable_chunked_prefill else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len))
         if not self.enable_chunked_prefill and budget < max_model_len:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.arg_utils import NO_EFFECT_ARGS, EngineArgs, engine_kwargs
 from pagedllm.memory.units import parse_bytes
 from pagedllm.sampling_params import SamplingParams
 
@@ -69,6 +69,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--override-generation-config", type=_json_object, default=None,
                    help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
     g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
+    compat = p.add_argument_group("vLLM flags accepted for compatibility (no effect here; a warning says why)")
+    for name in NO_EFFECT_ARGS:
+        flag = "--" + name.replace("_", "-")
+        if name in ("enforce_eager", "trust_remote_code", "disable_log_stats", "disable_log_requests",
+                    "disable_custom_all_reduce"):
+            compat.add_argument(flag, action="store_true", help=NO_EFFECT_ARGS[name])
+        else:
+            compat.add_argument(flag, default=None, help=NO_EFFECT_ARGS[name])
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights from the model's config alone (a checkpoint folder, or a built-in "
                         "name such as qwen3-0.6b), for benchmarks of model shapes with no weights at hand")
@@ -95,8 +103,10 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    """Every engine flag has its EngineArgs field's name."""
-    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.names() if hasattr(ns, name)})
+    """Every engine flag has its EngineArgs field's name; vLLM flags with no effect here warn when given."""
+    given = {name: getattr(ns, name) for name in NO_EFFECT_ARGS if getattr(ns, name, None) not in (None, False)}
+    return EngineArgs(**engine_kwargs(given), **{name: getattr(ns, name) for name in EngineArgs.names()
+                                                 if hasattr(ns, name)})
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.arg_utils import EngineArgs, engine_kwargs
 from pagedllm.engine.chat_template import ChatOptions
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.input_processor import PromptType
@@ -22,10 +22,7 @@ class LLM:
     block, or by dropping the last reference; then another engine, of any parallelism, can be built."""
 
     def __init__(self, model: str | None = None, **kwargs):
-        unknown = sorted(set(kwargs) - EngineArgs.names())
-        if unknown:
-            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
-        self.engine: EngineClient = create_engine(EngineArgs(model=model, **kwargs))
+        self.engine: EngineClient = create_engine(EngineArgs(model=model, **engine_kwargs(kwargs)))
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate() and chat() use when given no SamplingParams: the model's generation config

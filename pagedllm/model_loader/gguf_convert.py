@@ -37,6 +37,23 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def _rope_scaling(reader, g) -> dict | None:
+    """llama.cpp's RoPE scaling: a `rope_freqs` tensor of per-frequency divisors (how it stores Llama 3.x's scaling;
+    kept as pagedllm's "freq_factors" type), or linear / YaRN metadata."""
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        return {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(freqs.data, dtype=np.float32)]}
+    kind = g("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ValueError(f"GGUF RoPE scaling {kind!r} is not supported; pagedllm reads linear, yarn and rope_freqs")
+    scaling = {"rope_type": kind, "factor": float(g("rope.scaling.factor"))}
+    if g("rope.scaling.original_context_length"):
+        scaling["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length"))
+    return scaling
+
+
 def hf_config_from_gguf(reader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
@@ -62,6 +79,7 @@ def hf_config_from_gguf(reader) -> dict:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",
+        "rope_scaling": _rope_scaling(reader, g),
         "_name_or_path": _field(reader, "general.name", ""),
         # Serve in bf16 by default; the fp32 copy on disk keeps the dequantized values exact.
         "dtype": "bfloat16",
@@ -92,10 +110,13 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     config = hf_config_from_gguf(reader)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors: dict[str, torch.Tensor] = {}
+    unknown = [t.name for t in reader.tensors if _hf_name(t.name) is None and t.name != "rope_freqs.weight"]
+    if unknown:  # dropping them would run the model wrong
+        raise ValueError(f"GGUF tensors pagedllm does not know how to use: {', '.join(unknown[:5])}")
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
-            continue
+            continue  # rope_freqs: in the config
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
         if config["model_type"] == "llama" and name.endswith("q_proj.weight"):

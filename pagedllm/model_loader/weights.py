@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -29,8 +30,16 @@ def _default_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
 
 
+def _layer_pattern(name: str) -> str:
+    return re.sub(r"\.layers\.\d+\.", ".layers.#.", name)
+
+
 def load_weights(model: DecoderForCausalLM, folder: str) -> None:
+    """Every tensor of the checkpoint must be one the model knows (any stage's, any layer's): a tensor it does not
+    know (an FP8 checkpoint's weight_scale_inv, say) would otherwise be dropped and the model run wrong."""
     params = dict(model.named_parameters())
+    known = {_layer_pattern(n) for n in params} | {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    unknown: list[str] = []
     tied = model.config.tie_word_embeddings
     # a tied LM head on a pipeline's last stage, apart from the embedding, loads the embedding's weights
     own_tied_head = tied and model.lm_head is not None and model.model.embed_tokens is None
@@ -48,11 +57,16 @@ def load_weights(model: DecoderForCausalLM, folder: str) -> None:
                         target, shard_id = name.replace(ckpt_part, ours), sid
                         break
                 param = params.get(target)
-                if param is None:
-                    continue  # e.g. rotary inv_freq buffers some checkpoints carry
+                if param is None:  # another pipeline stage's, a rotary inv_freq buffer some checkpoints carry, or not ours
+                    if _layer_pattern(target) not in known and not name.endswith("rotary_emb.inv_freq"):
+                        unknown.append(name)
+                    continue
                 loader = getattr(param, "weight_loader", _default_loader)
                 loader(param, f.get_slice(name), shard_id)
                 loaded_names.add(target)
+    if unknown:
+        raise ValueError(f"checkpoint {folder} has tensors pagedllm does not know how to use: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''} (a quantized checkpoint without its quantization_config?)")
     shared_head = tied and model.lm_head is not None and model.model.embed_tokens is not None
     missing = sorted(set(params) - loaded_names - ({"lm_head.weight"} if shared_head else set()))
     if missing:

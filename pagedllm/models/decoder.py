@@ -123,7 +123,7 @@ class DecoderModel(CustomOp):
         super().__init__()
         self.stage = stage
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.first else None
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)  # one table, shared
+        rotary = RotaryEmbedding(cfg)  # one table, shared
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) if stage.start <= i < stage.end else MissingLayer()
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
