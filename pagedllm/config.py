@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # computed as HF transformers computes them; "freq_factors" is llama.cpp's way to store Llama 3's (from GGUF files)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
@@ -108,6 +108,16 @@ class ModelConfig:
     max_logprobs: int = 20  # the most top-k logprobs (of outputs or prompts) a request may ask for
     rope_type: str = "default"
     rope_scaling: str = ""  # the checkpoint's rope_scaling / rope_parameters as JSON, for transformers' RoPE functions
+    # mixture of experts (Qwen3-MoE): routed experts in place of the MLP; 0 experts: a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing probabilities to sum to 1
+    mlp_only_layers: tuple[int, ...] = ()  # layers that keep a dense MLP
+    decoder_sparse_step: int = 1  # every this many layers is sparse
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def max_context(self) -> int:
@@ -156,10 +166,16 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             dtype=parse_dtype(checkpoint_dtype),
             eos_token_ids=eos_ids,
             name=name,
+            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
             rope_type=rope_type,
             rope_scaling=json.dumps(rope, sort_keys=True) if rope_type != "default" else "",
         )
@@ -233,6 +249,8 @@ class ParallelConfig:
                              f"or be a multiple of, its {kv} KV heads")
         if model.intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the MLP size {model.intermediate_size}")
+        if model.moe_intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide the experts' MLP size {model.moe_intermediate_size}")
         self.stage_layers(model.num_layers)
 
 

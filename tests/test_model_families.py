@@ -108,3 +108,101 @@ def test_vllm_engine_arguments_without_effect_warn(tiny_models, caplog):
     llm.shutdown()
     with pytest.raises(ValueError, match="unknown engine argument"):
         LLM(tiny_models["qwen3"], enable_lora=True)
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory) -> str:
+    """A tiny Qwen3-MoE: 8 experts, 2 per token, renormalised routing, no shared expert."""
+    return _save_tiny(str(tmp_path_factory.mktemp("moe") / "qwen3_moe"), "qwen3_moe", num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_qwen3_moe_matches_hf(moe_model, tp):
+    check_greedy_against_hf(moe_model, random_prompts(5, 10, 70, seed=13), 10, max_model_len=256,
+                            tensor_parallel_size=tp, max_num_seqs=3)
+
+
+def test_qwen3_moe_plan_counts_total_and_active_parameters(moe_model):
+    from tests.helpers import plan_for
+
+    llm = LLM(moe_model, dtype="float32", max_model_len=128, kv_cache_memory=1 << 20)
+    plan = plan_for(moe_model, dtype="float32", max_model_len=128)
+    assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.weight_bytes()[0]  # what the engine holds
+    per_layer_experts = 8 * 3 * 32 * 64
+    assert plan["parameters"] - plan["active_parameters"] == 2 * per_layer_experts * 6 // 8  # 6 of 8 experts idle
+    assert plan["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x dim x fp32
+    llm.shutdown()
+
+
+def _write_llama_gguf(hf_folder: str, path: str, factors: list[float]) -> None:
+    """The checkpoint as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout, Llama 3's
+    scaling as a rope_freqs tensor, and the embedded model's tokenizer (the tiny checkpoints borrow it)."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+    from safetensors.torch import load_file
+
+    from pagedllm.model_loader.gguf_convert import _GLOBAL_TENSORS, _LAYER_TENSORS
+    from pagedllm.model_loader.resolve import embedded_gguf_path
+
+    config = json.load(open(os.path.join(hf_folder, "config.json")))
+    tok = GGUFReader(embedded_gguf_path()).fields
+    w = GGUFWriter(path, "llama")
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(tok["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(tok["tokenizer.ggml.merges"].contents())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    to_gguf = {v: k for k, v in {**_LAYER_TENSORS, **_GLOBAL_TENSORS}.items()}
+    for name, t in load_file(os.path.join(hf_folder, "model.safetensors")).items():
+        base, suffix = name.rsplit(".", 1)
+        if base.startswith("model.layers."):
+            _, _, i, part = base.split(".", 3)
+            gguf_name = f"blk.{i}.{to_gguf[part]}.{suffix}"
+        else:
+            gguf_name = f"{to_gguf[base]}.{suffix}"
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        n = next((h for key, h in heads.items() if key in name), None)
+        if n is not None:  # llama.cpp's layout: each head's rotary halves interleaved
+            t = t.reshape(n, 2, t.shape[0] // n // 2, -1).transpose(1, 2).reshape(t.shape)
+        w.add_tensor(gguf_name, t.float().numpy())
+    w.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_llama3_gguf_with_rope_freqs_matches_hf(rope_models, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))  # its conversion lands here
+    folder = rope_models["llama3"]
+    hf_freqs, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(folder), torch.device("cpu"))
+    default = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    path = str(tmp_path / "llama3.gguf")
+    _write_llama_gguf(folder, path, (default / hf_freqs).tolist())
+    prompts = random_prompts(3, 20, 80, seed=14)
+    from tests.helpers import HFReference, assert_greedy_match
+
+    hf = HFReference(folder)
+    with LLM(path, dtype="float32", max_model_len=256) as llm:
+        assert llm.engine.config.model.rope_type == "freq_factors"
+        from pagedllm import SamplingParams
+
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+        for out, p in zip(outs, prompts):
+            assert_greedy_match(out.outputs[0].token_ids, *hf.greedy(p, 10))

@@ -60,8 +60,11 @@ def render(plan: dict) -> str:
         "",
         f"Model        {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads / "
         f"{m['num_kv_heads']} KV heads x {m['head_dim']}, intermediate {m['intermediate_size']}, vocab {m['vocab_size']}"
-        f"{', tied embeddings' if m['tie_word_embeddings'] else ''}",
-        f"Parameters   {plan['parameters']:,}",
+        f"{', tied embeddings' if m['tie_word_embeddings'] else ''}"
+        + (f", {m['num_experts']} experts of {m['moe_intermediate_size']} ({m['num_experts_per_tok']} per token)"
+           if m["num_experts"] else ""),
+        f"Parameters   {plan['parameters']:,}" + (f" in all, {plan['active_parameters']:,} active per token (routed experts)"
+                                                   if plan["active_parameters"] != plan["parameters"] else ""),
         "Weights      " + "   ".join(f"{k} {format_bytes(v)}" for k, v in w.items()) + "  (int8: + one bf16 scale per row)",
         "",
         "KV cache per token",

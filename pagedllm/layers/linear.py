@@ -54,6 +54,10 @@ class LinearBase(nn.Module):
         return quant.linear(x, self, self.bias)
 
 
+class ReplicatedLinear(LinearBase):
+    """The whole weight on every rank (a MoE router)."""
+
+
 class ColumnParallelLinear(LinearBase):
     tp_dim = 0
 

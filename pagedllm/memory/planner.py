@@ -81,7 +81,8 @@ def make_plan(config: EngineConfig, concurrency: int = 8, device_memory: int | N
         "model": {"name": cfg.name, "architecture": cfg.model_type, "vocab_size": cfg.vocab_size,
                   "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
                   "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
-                  "tie_word_embeddings": cfg.tie_word_embeddings},
+                  "tie_word_embeddings": cfg.tie_word_embeddings, "num_experts": cfg.num_experts,
+                  "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size},
         "settings": {"weight_dtype": wdtype, "kv_cache_dtype": kvdtype, "max_model_len": sched.max_model_len,
                      "concurrency": concurrency, "device_memory": device_memory,
                      "gpu_memory_utilization": cache.gpu_memory_utilization, "tensor_parallel_size": tp,
@@ -89,6 +90,7 @@ def make_plan(config: EngineConfig, concurrency: int = 8, device_memory: int | N
                      "pipeline_partition": list(par.pipeline_partition) if par.pipeline_partition else None,
                      "block_size": cache.block_size, "max_num_batched_tokens": sched.max_num_batched_tokens},
         "parameters": count_parameters(cfg),
+        "active_parameters": count_parameters(cfg, active=True),  # per token: a MoE model's top-k experts
         "weight_bytes": {name: weights_per_stage(cfg, name)[0].bytes for name in WEIGHT_DTYPES},
         "kv_cache": {
             "bytes_per_token": exact, "brief_bytes_per_token": brief, "brief_over_exact": brief / exact,

@@ -29,19 +29,31 @@ class TensorSpec:
     cols: int  # input features; 1 for vectors
     split: str  # "rows", "cols", "kv", "vocab" or "replicated"
     stage: str  # "first", "last" or "layer"
+    int8: bool = True  # quantized under --quantization int8 (routed experts stay in the activation dtype)
+    experts: int = 0  # of a MoE layer's experts: how many this tensor stacks (the top k of them are active)
 
 
-def tensor_specs(cfg: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(global tensors, one layer's tensors)."""
+def _mlp_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
+    h = cfg.hidden_size
+    if not cfg.is_moe_layer(i):
+        inter = cfg.intermediate_size
+        return [TensorSpec("gate_proj", inter, h, "rows", "layer"), TensorSpec("up_proj", inter, h, "rows", "layer"),
+                TensorSpec("down_proj", h, inter, "cols", "layer")]
+    e, inter = cfg.num_experts, cfg.moe_intermediate_size
+    return [TensorSpec("router", e, h, "replicated", "layer"),
+            TensorSpec("experts.gate_up_proj", e * 2 * inter, h, "rows", "layer", int8=False, experts=e),
+            TensorSpec("experts.down_proj", h, e * inter, "cols", "layer", int8=False, experts=e)]
+
+
+def tensor_specs(cfg: ModelConfig, i: int = 0) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(global tensors, layer i's tensors)."""
     h, hd, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layer = [
         TensorSpec("q_proj", q, h, "rows", "layer"),
         TensorSpec("k_proj", kv, h, "kv", "layer"),
         TensorSpec("v_proj", kv, h, "kv", "layer"),
         TensorSpec("o_proj", h, q, "cols", "layer"),
-        TensorSpec("gate_proj", cfg.intermediate_size, h, "rows", "layer"),
-        TensorSpec("up_proj", cfg.intermediate_size, h, "rows", "layer"),
-        TensorSpec("down_proj", h, cfg.intermediate_size, "cols", "layer"),
+        *_mlp_specs(cfg, i),
         TensorSpec("input_layernorm", h, 1, "replicated", "layer"),
         TensorSpec("post_attention_layernorm", h, 1, "replicated", "layer"),
     ]
@@ -69,17 +81,22 @@ def _local_shape(spec: TensorSpec, cfg: ModelConfig, tp: int) -> tuple[int, int]
     return spec.rows, spec.cols
 
 
-def _bytes(rows: int, cols: int, dtype: str) -> int:
-    if cols == 1:  # vectors (norms, biases) are never quantized
-        return rows * (2 if dtype == "int8" else WEIGHT_DTYPES[dtype])
+def _bytes(rows: int, cols: int, dtype: str, int8: bool = True) -> int:
+    if cols == 1 or (dtype == "int8" and not int8):  # vectors (norms, biases) and experts are never quantized
+        return rows * cols * (2 if dtype == "int8" else WEIGHT_DTYPES[dtype])
     if dtype == "int8":
         return rows * cols + rows * INT8_SCALE_BYTES
     return rows * cols * WEIGHT_DTYPES[dtype]
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    glob, layer = tensor_specs(cfg)
-    return sum(s.rows * s.cols for s in glob) + cfg.num_layers * sum(s.rows * s.cols for s in layer)
+def count_parameters(cfg: ModelConfig, active: bool = False) -> int:
+    """Every parameter, or (active=True) those one token uses: a MoE layer's top-k experts of all of them."""
+    def size(s: TensorSpec) -> int:
+        share = cfg.num_experts_per_tok / s.experts if active and s.experts else 1
+        return int(s.rows * s.cols * share)
+
+    glob, _ = tensor_specs(cfg)
+    return sum(size(s) for s in glob) + sum(size(s) for i in range(cfg.num_layers) for s in tensor_specs(cfg, i)[1])
 
 
 @dataclass
@@ -96,17 +113,17 @@ class StageWeights:
 
 def weights_per_stage(cfg: ModelConfig, dtype: str, tp: int = 1, pp: int = 1,
                       partition: tuple[int, ...] | None = None) -> list[StageWeights]:
-    glob, layer = tensor_specs(cfg)
+    glob, _ = tensor_specs(cfg)
     if cfg.tie_word_embeddings and pp > 1:  # the last stage needs its own copy for the LM head
         glob = glob + [TensorSpec("lm_head (tied copy)", cfg.vocab_size, cfg.hidden_size, "vocab", "last")]
     stages = []
     for rank, (start, end) in enumerate(partition_layers(cfg.num_layers, pp, partition)):
         held = [(s, 1) for s in glob if (s.stage == "first" and rank == 0) or (s.stage == "last" and rank == pp - 1)]
-        held += [(s, end - start) for s in layer]
+        held += [(s, 1) for i in range(start, end) for s in tensor_specs(cfg, i)[1]]
         params = sharded = replicated = 0
         for spec, times in held:
             rows, cols = _local_shape(spec, cfg, tp)
-            nbytes = _bytes(rows, cols, dtype) * times
+            nbytes = _bytes(rows, cols, dtype, spec.int8) * times
             params += rows * cols * times
             if spec.split == "replicated" or (spec.split == "kv" and tp > cfg.num_kv_heads):
                 replicated += nbytes
@@ -117,5 +134,6 @@ def weights_per_stage(cfg: ModelConfig, dtype: str, tp: int = 1, pp: int = 1,
 
 
 def replicated_tensors(cfg: ModelConfig, tp: int) -> list[str]:
-    glob, layer = tensor_specs(cfg)
-    return [s.name for s in glob + layer if s.split == "replicated" or (s.split == "kv" and tp > cfg.num_kv_heads)]
+    specs = tensor_specs(cfg)[0] + [s for i in range(cfg.num_layers) for s in tensor_specs(cfg, i)[1]]
+    names = [s.name for s in specs if s.split == "replicated" or (s.split == "kv" and tp > cfg.num_kv_heads)]
+    return list(dict.fromkeys(names))

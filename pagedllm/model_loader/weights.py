@@ -49,13 +49,9 @@ def load_weights(model: DecoderForCausalLM, folder: str) -> None:
             for name in f.keys():
                 if tied and name == "lm_head.weight":
                     continue
-                target, shard_id = name, None
+                target, shard_id = model.checkpoint_target(name)
                 if own_tied_head and name == "model.embed_tokens.weight":
                     target = "lm_head.weight"
-                for ckpt_part, (ours, sid) in model.packed_modules.items():
-                    if f".{ckpt_part}." in target:
-                        target, shard_id = name.replace(ckpt_part, ours), sid
-                        break
                 param = params.get(target)
                 if param is None:  # another pipeline stage's, a rotary inv_freq buffer some checkpoints carry, or not ours
                     if _layer_pattern(target) not in known and not name.endswith("rotary_emb.inv_freq"):

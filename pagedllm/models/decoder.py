@@ -8,6 +8,7 @@ HF checkpoints so weights load by name.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,15 @@ from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import CustomOp
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.layers.fused_moe import FusedMoE
 from pagedllm.layers.layernorm import RMSNorm
-from pagedllm.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import (
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.quantization import quantize_module_
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -64,11 +72,24 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+class SparseMoeBlock(nn.Module):
+    """Qwen3-MoE's MLP: a router (replicated on every rank) and the routed experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size,
+                                cfg.norm_topk_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, self.gate(x))
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, index: int):
         super().__init__()
         self.self_attn = Attention(cfg, rotary)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,11 +145,11 @@ class DecoderModel(CustomOp):
         self.stage = stage
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.first else None
         rotary = RotaryEmbedding(cfg)  # one table, shared
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) if stage.start <= i < stage.end else MissingLayer()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, i) if stage.start <= i < stage.end else MissingLayer()
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
         self.stage_layers: tuple[DecoderLayer, ...] = tuple(self.layers[stage.start:stage.end])
-        self.fusable = get_tp_group().size == 1
+        self.fusable = get_tp_group().size == 1 and not cfg.num_experts  # the fused kernel has a dense MLP
         self._kv_caches: list[torch.Tensor] = []
 
     def forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
@@ -183,6 +204,19 @@ class DecoderForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    # an expert's projection -> (the stacked parameter, its part); the expert's index completes the shard id
+    expert_modules = {"gate_proj": ("w13_weight", "gate"), "up_proj": ("w13_weight", "up"), "down_proj": ("w2_weight", "down")}
+
+    def checkpoint_target(self, name: str) -> tuple[str, object]:
+        """The parameter a checkpoint tensor loads into, and the shard id its weight_loader takes."""
+        expert = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if expert and expert.group(3) in self.expert_modules:
+            param, part = self.expert_modules[expert.group(3)]
+            return f"{expert.group(1)}.{param}", (int(expert.group(2)), part)
+        for ckpt_part, (ours, shard_id) in self.packed_modules.items():
+            if f".{ckpt_part}." in name:
+                return name.replace(ckpt_part, ours), shard_id
+        return name, None
 
     def __init__(self, cfg: ModelConfig, stage: Stage | None = None):
         super().__init__()
