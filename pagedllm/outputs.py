@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What clients are told when something fails inside the engine; the detail (paths, library messages, tracebacks)
+# goes to the server log only. A request whose engine (or data-parallel replica) died gets ENGINE_DEAD (HTTP 503).
+ENGINE_DEAD = "The engine serving this request died (EngineDeadError); the server log has the cause."
+REQUEST_FAILED = "The engine failed while running this request; the server log has the cause."
+
 
 @dataclass
 class Logprob:

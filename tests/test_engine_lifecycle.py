@@ -11,6 +11,7 @@ import pytest
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.detokenizer import Detokenizer
 from pagedllm.engine.sequence import Request
+from pagedllm.outputs import REQUEST_FAILED
 from tests.helpers import assert_pool_empty, random_prompts
 
 
@@ -51,7 +52,7 @@ def test_engine_error_fails_only_that_step_and_engine_keeps_serving(llm, monkeyp
 
     monkeypatch.setattr(engine.executor, "submit", boom)
     outs = engine.step()
-    assert outs[0].request_id == rid and outs[0].finished and "simulated device fault" in outs[0].error
+    assert outs[0].request_id == rid and outs[0].finished and outs[0].error == REQUEST_FAILED
     monkeypatch.setattr(engine.executor, "submit", real)
     assert_pool_empty(llm)
     good = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)

@@ -53,7 +53,7 @@ def test_two_batches_in_flight_overlap_across_stages(tiny_models):
 
         from pagedllm.entrypoints.openai.metrics import Metrics
 
-        text = generate_latest(Metrics(llm.engine).registry).decode()
+        text = generate_latest(Metrics(llm.engine, "llama", "pagedllm").registry).decode()
         assert 'pagedllm:pipeline_stage_busy_fraction{model_name="llama",stage="1"}' in text
     finally:
         llm.engine.shutdown()

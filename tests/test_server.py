@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.outputs import ENGINE_DEAD, REQUEST_FAILED
 from tests.helpers import random_prompts, running_server
 
 API_KEY = "test-key"
@@ -214,7 +215,7 @@ def test_models_tokenize_detokenize(server, client):
 def _wait_idle(base: str) -> None:
     deadline = time.time() + 10
     while time.time() < deadline:
-        if _metric(base, "pagedllm:kv_cache_usage_perc") == 0 and _metric(base, "pagedllm:num_requests_running") == 0:
+        if _metric(base, "vllm:kv_cache_usage_perc") == 0 and _metric(base, "vllm:num_requests_running") == 0:
             return
         time.sleep(0.1)
     pytest.fail("blocks still in use after the client left")
@@ -227,7 +228,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        assert _metric(base, "pagedllm:kv_cache_usage_perc") > 0
+        assert _metric(base, "vllm:kv_cache_usage_perc") > 0
     _wait_idle(base)
 
 
@@ -243,17 +244,19 @@ def test_metrics_exposed(server, client):
     base, _ = server
     client.completions.create(model="tiny", prompt="hello", max_tokens=4)
     text = httpx.get(f"{base}/metrics").text
-    for name in ("pagedllm:num_requests_running", "pagedllm:num_requests_waiting", "pagedllm:kv_cache_usage_perc",
-                 "pagedllm:num_preemptions_total", "pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
-                 "pagedllm:prefix_cache_queries_total", "pagedllm:prefix_cache_hits_total",
-                 "pagedllm:time_to_first_token_seconds_bucket", "pagedllm:time_per_output_token_seconds_count",
-                 "pagedllm:e2e_request_latency_seconds_sum", "pagedllm:request_queue_time_seconds_bucket",
-                 "pagedllm:request_prefill_time_seconds_count", "pagedllm:request_decode_time_seconds_sum",
-                 "pagedllm:request_generation_tokens_bucket"):
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_count",
+                 "vllm:e2e_request_latency_seconds_sum", "vllm:request_queue_time_seconds_bucket",
+                 "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_sum",
+                 "vllm:request_generation_tokens_bucket"):
         assert name in text, name
-    assert _metric(base, "pagedllm:generation_tokens_total") > 0
-    assert _metric(base, "pagedllm:request_prompt_tokens_count") > 0
-    assert 'finished_reason="length"' in text  # pagedllm:request_success_total, by finish reason
+    assert _metric(base, "vllm:generation_tokens_total") > 0
+    assert _metric(base, "vllm:request_prompt_tokens_count") > 0
+    assert 'finished_reason="length"' in text  # vllm:request_success_total, by finish reason
+    assert 'vllm:num_requests_running{model_name="tiny"}' in text  # the served name, as vLLM labels it
+    assert "pagedllm:" not in text
 
 
 def test_sigterm_shuts_down_gracefully(server):
@@ -263,7 +266,7 @@ def test_sigterm_shuts_down_gracefully(server):
     assert "shutting down: aborting" in proc.stdout.read()
 
 
-def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
+def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch, caplog):
     from fastapi.testclient import TestClient
 
     from pagedllm.engine.arg_utils import EngineArgs
@@ -282,7 +285,8 @@ def test_engine_error_fails_only_its_requests(tiny_models, monkeypatch):
     monkeypatch.setattr(engine.executor, "submit", flaky)
     with TestClient(build_app(engine)) as http:
         bad = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
-        assert bad.status_code == 500 and "simulated device fault" in bad.json()["error"]["message"]
+        assert bad.status_code == 500 and bad.json()["error"]["message"] == REQUEST_FAILED  # the detail: in the log
+        assert "simulated" not in bad.text and "simulated device fault" in caplog.text
         good = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] > 0
         assert http.get("/health").status_code == 200
@@ -301,3 +305,28 @@ def test_embedded_model_chat_through_server():
         r = http.post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_dead_worker_is_a_503_that_leaks_nothing(tiny_models):
+    """A tensor-parallel worker killed under the server: clients get vLLM's 503 with a fixed message; gloo's
+    source paths and messages stay in the log."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=tiny_models["llama"], dtype="float32", max_model_len=128,
+                                                   tensor_parallel_size=2))
+    with TestClient(build_app(engine)) as http:
+        assert http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200
+        os.kill(engine.executor.procs[0].pid, signal.SIGKILL)
+        engine.executor.procs[0].join(10)
+        for _ in range(2):  # the request that finds the worker gone, then one to an engine known dead
+            r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["message"] == ENGINE_DEAD, r.text
+            assert "pair.cc" not in r.text and "/" not in r.json()["error"]["message"]
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["error"] == ENGINE_DEAD

@@ -21,7 +21,7 @@ from typing import Any
 
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.protocol import EngineClient
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import ENGINE_DEAD, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -94,6 +94,7 @@ class AsyncLLMEngine:
         try:
             self.engine.check_health()
         except RuntimeError as exc:
+            logger.error("engine health check failed: %s", exc)
             self.error = exc
             return False
         return True
@@ -102,7 +103,7 @@ class AsyncLLMEngine:
     async def call(self, fn: Callable[[EngineClient], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
         if not self.is_alive:
-            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+            raise EngineDeadError(ENGINE_DEAD)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._commands.put((fn, loop, fut))
@@ -158,7 +159,7 @@ class AsyncLLMEngine:
             logger.exception("engine loop died")
             self.error = exc
             for loop, q in self._streams.values():
-                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine loop died: {exc!r}"))
+                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(ENGINE_DEAD))
         finally:
             for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)

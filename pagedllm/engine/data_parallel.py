@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from pagedllm.config import EngineConfig
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType, load_tokenizer
 from pagedllm.engine.protocol import EngineStats
-from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedllm.outputs import ENGINE_DEAD, CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.platform import available_cores
 from pagedllm.sampling_params import SamplingParams
 
@@ -222,8 +222,7 @@ class DataParallelEngine:
         logger.error("data-parallel replica %d died (exit code %s); %d replica(s) left", replica.index, code,
                      sum(r.alive for r in self.replicas))
         failed = [rid for rid, p in self.requests.items() if p.replica == replica.index]
-        return [self._error_output(rid, self.requests.pop(rid), f"data-parallel replica {replica.index} died "
-                                   f"(exit code {code}); retry the request") for rid in failed]
+        return [self._error_output(rid, self.requests.pop(rid), ENGINE_DEAD) for rid in failed]
 
     def _error_output(self, rid: str, pending: _Pending, message: str) -> RequestOutput:
         outputs = [CompletionOutput(i, "", [], finish_reason="error") for i in range(pending.params.n)]

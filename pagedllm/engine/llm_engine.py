@@ -22,7 +22,7 @@ from pagedllm.engine.sequence import Request, Sequence
 from pagedllm.executor.abstract import Executor, WorkerDiedError
 from pagedllm.executor.multiproc import MultiprocExecutor
 from pagedllm.executor.uniproc import UniProcExecutor
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import ENGINE_DEAD, REQUEST_FAILED, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.step import SamplingMetadata, StepInputs
 
@@ -220,12 +220,13 @@ class LLMEngine:
                 raise launched.error
             result = self.executor.collect(launched.flight, launched.sampling)
         except WorkerDiedError:  # the group is broken: nothing can run any more
-            self._fail(set(self.requests.values()), "engine error: a tensor- or pipeline-parallel worker died")
+            logger.exception("a tensor- or pipeline-parallel worker died")
+            self._fail(set(self.requests.values()), ENGINE_DEAD)
             raise
-        except Exception as exc:  # a failing step fails only the requests in it
+        except Exception:  # a failing step fails only the requests in it
             logger.exception("engine step failed")
             self.block_manager.reset_prefix_cache()  # blocks registered for this step may hold no K/V
-            return self._fail({s.seq.request for s in batch}, f"engine error: {exc}")
+            return self._fail({s.seq.request for s in batch}, REQUEST_FAILED)
         self.scheduler.update_after_step(out)
         for parent, child in launched.forks:
             if parent.is_finished:  # aborted while its batch was in flight

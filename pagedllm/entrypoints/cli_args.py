@@ -90,6 +90,9 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--metrics-namespace", choices=["vllm", "pagedllm"], default="vllm",
+                   help="prefix of the /metrics series: vllm (vLLM's names, for its dashboards and autoscalers) or "
+                        "pagedllm")
     s.add_argument("--chat-template", default=None, help="a chat template file (or the template itself) instead of the "
                                                           "model's")
     s.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,

@@ -1,7 +1,9 @@
-"""Prometheus metrics with vLLM's names under a `pagedllm:` prefix.
+"""Prometheus metrics with vLLM's names and labels, so its dashboards, autoscaling rules and routers read them.
 
-Gauges and counters are read from the engine at scrape time (no bookkeeping on the hot path);
-latency histograms are observed once per finished request.
+The namespace is `vllm:` by default: a deployment that swaps vLLM for pagedllm keeps its Grafana dashboard, KEDA /
+HPA rules and llm-d-style routers unchanged; `--metrics-namespace pagedllm` gives `pagedllm:` names instead. The
+`model_name` label is the served model name, as in vLLM. Gauges and counters are read from the engine at scrape
+time (no bookkeeping on the hot path); latency histograms are observed once per finished request.
 """
 
 from __future__ import annotations
@@ -16,29 +18,29 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 
 
 _GAUGES = {
-    "num_running": ("pagedllm:num_requests_running", "Sequences in the running batch"),
-    "num_waiting": ("pagedllm:num_requests_waiting", "Sequences waiting to be scheduled"),
-    "kv_cache_usage": ("pagedllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)"),
+    "num_running": ("num_requests_running", "Sequences in the running batch"),
+    "num_waiting": ("num_requests_waiting", "Sequences waiting to be scheduled"),
+    "kv_cache_usage": ("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)"),
 }
 _COUNTERS = {
-    "num_preemptions": ("pagedllm:num_preemptions", "Preemptions (recompute)"),
-    "prompt_tokens": ("pagedllm:prompt_tokens", "Prompt tokens received"),
-    "generation_tokens": ("pagedllm:generation_tokens", "Tokens generated"),
-    "prefix_cache_queries": ("pagedllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
-    "prefix_cache_hits": ("pagedllm:prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    "num_preemptions": ("num_preemptions", "Preemptions (recompute)"),
+    "prompt_tokens": ("prompt_tokens", "Prompt tokens received"),
+    "generation_tokens": ("generation_tokens", "Tokens generated"),
+    "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache"),
 }
 
 
 class _EngineCollector:
     """Reads engine.stats() at scrape time: one sample per replica (labelled) per metric."""
 
-    def __init__(self, engine, labels: dict[str, str]):
-        self.engine, self.labels = engine, labels
+    def __init__(self, engine, labels: dict[str, str], namespace: str):
+        self.engine, self.labels, self.namespace = engine, labels, namespace
 
     def collect(self):
         fractions = getattr(getattr(self.engine, "executor", None), "busy_fractions", None)
         if fractions is not None:
-            fam = GaugeMetricFamily("pagedllm:pipeline_stage_busy_fraction",
+            fam = GaugeMetricFamily(f"{self.namespace}:pipeline_stage_busy_fraction",
                                     "Busy time over wall time per pipeline stage (1 - bubble fraction)",
                                     labels=[*self.labels, "stage"])
             for stage, value in enumerate(fractions()):
@@ -50,32 +52,35 @@ class _EngineCollector:
                 fam = None
                 for extra, stats in snapshot:
                     labels = {**self.labels, **extra}
-                    fam = fam or cls(name, doc, labels=list(labels))
+                    fam = fam or cls(f"{self.namespace}:{name}", doc, labels=list(labels))
                     fam.add_metric(list(labels.values()), getattr(stats, field))
                 if fam is not None:
                     yield fam
 
 
+NAMESPACES = ("vllm", "pagedllm")
+
+
 class Metrics:
-    def __init__(self, engine, labels: dict[str, str] | None = None):
+    def __init__(self, engine, model_name: str, namespace: str = "vllm"):
         self.registry = CollectorRegistry()
-        self.labels = labels or {"model_name": engine.config.model.name or "model"}
-        self.registry.register(_EngineCollector(engine, self.labels))
+        self.labels = {"model_name": model_name}
+        self.registry.register(_EngineCollector(engine, self.labels, namespace))
         names = list(self.labels)
 
         def hist(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=self.registry)
+            return Histogram(f"{namespace}:{name}", doc, names, buckets=buckets, registry=self.registry)
 
-        self.ttft = hist("pagedllm:time_to_first_token_seconds", "Time to first token")
-        self.tpot = hist("pagedllm:time_per_output_token_seconds", "Mean time per output token after the first")
-        self.e2e = hist("pagedllm:e2e_request_latency_seconds", "End-to-end request latency")
-        self.queue = hist("pagedllm:request_queue_time_seconds", "Time from arrival to first scheduled")
-        self.prefill = hist("pagedllm:request_prefill_time_seconds", "Time from first scheduled to first token")
-        self.decode = hist("pagedllm:request_decode_time_seconds", "Time from first token to last token")
-        self.prompt_tokens = hist("pagedllm:request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
-        self.generation_tokens = hist("pagedllm:request_generation_tokens", "Tokens generated per request (all samples)",
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token")
+        self.tpot = hist("time_per_output_token_seconds", "Mean time per output token after the first")
+        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = hist("request_queue_time_seconds", "Time from arrival to first scheduled")
+        self.prefill = hist("request_prefill_time_seconds", "Time from first scheduled to first token")
+        self.decode = hist("request_decode_time_seconds", "Time from first token to last token")
+        self.prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
+        self.generation_tokens = hist("request_generation_tokens", "Tokens generated per request (all samples)",
                                       _TOKEN_BUCKETS)
-        self.success = Counter("pagedllm:request_success", "Finished requests by the reason their first sample ended",
+        self.success = Counter("request_success", "Finished requests by the reason their first sample ended",
                                [*names, "finished_reason"], registry=self.registry)
 
     def observe_finished(self, out: RequestOutput) -> None:

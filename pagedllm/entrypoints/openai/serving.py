@@ -12,7 +12,7 @@ from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.streams import collect, sse, unless_disconnected
-from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.outputs import ENGINE_DEAD, CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
@@ -28,8 +28,11 @@ class APIError(Exception):
 
 
 def error_body(exc: Exception) -> dict:
-    return APIError(500 if isinstance(exc, RuntimeError) else 400, str(exc),
-                    "server_error" if isinstance(exc, RuntimeError) else "invalid_request_error").body()
+    """The error event of a stream: a request's own mistake (ValueError) is a 400; the engine's failures carry the
+    fixed messages of outputs.py (503 when it died)."""
+    if not isinstance(exc, RuntimeError):
+        return APIError(400, str(exc)).body()
+    return APIError(503 if str(exc) == ENGINE_DEAD else 500, str(exc), "server_error").body()
 
 
 def finish_reason(c: CompletionOutput) -> str | None:
@@ -104,7 +107,7 @@ class OpenAIServing:
             raise APIError(499, "client disconnected", "client_closed_request")
         for out in finals:
             if out.error:
-                raise APIError(500, out.error, "server_error")
+                raise APIError(503 if out.error == ENGINE_DEAD else 500, out.error, "server_error")
         return finals
 
     @staticmethod
