@@ -18,10 +18,6 @@ def _load() -> dict[str, dict]:
     return {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(HERE, "results", "*.json")))}
 
 
-def _ms(d: dict | None, key: str) -> str:
-    return "-" if not d or d.get(key) is None else f"{1000 * d[key]:.1f}"
-
-
 def _table(title: str, columns: list[str], rows: list[str]) -> list[str]:
     """A markdown section: its table's separator follows from the columns; no rows, no section."""
     if not rows:
@@ -49,10 +45,10 @@ def _latency_row(name: str, r: dict) -> str:
 
 
 def _serve_row(name: str, r: dict) -> str:
-    t, p, i = r["ttft_s"], r["tpot_s"], r["itl_s"]
-    return (f"| {name} | {r['max_concurrency']} | {r['request_throughput']:.2f} | {r['output_tok_s']:.1f} | "
-            f"{_ms(t, 'mean')} / {_ms(t, 'p50')} / {_ms(t, 'p99')} | {_ms(p, 'mean')} / {_ms(p, 'p50')} / "
-            f"{_ms(p, 'p99')} | {_ms(i, 'p50')} / {_ms(i, 'p99')} |")
+    ms = lambda metric, *stats: " / ".join(f"{r[f'{s}_{metric}_ms']:.1f}" for s in stats)  # noqa: E731
+    return (f"| {name} | {r['max_concurrency']} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+            f"{ms('ttft', 'mean', 'median', 'p99')} | {ms('tpot', 'mean', 'median', 'p99')} | "
+            f"{ms('itl', 'median', 'p99')} |")
 
 
 def _tables(results: dict[str, dict]) -> list[str]:
@@ -68,7 +64,7 @@ def _tables(results: dict[str, dict]) -> list[str]:
                   "command"],
                  [_latency_row(n, r) for n, r in _runs(results, "latency").items()])
         + _table("Serving (OpenAI API, streaming)",
-                 ["run", "concurrency", "req/s", "output tok/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99",
+                 ["run", "concurrency", "req/s", "output tok/s", "TTFT ms mean/median/p99", "TPOT ms mean/median/p99",
                   "ITL ms p50/p99"],
                  [_serve_row(n, r) for n, r in serve]))
 
@@ -87,10 +83,10 @@ def _plots(results: dict[str, dict]) -> list[str]:
     if srv:
         conc = [r["max_concurrency"] for r in srv]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        a.plot(conc, [r["output_tok_s"] for r in srv], marker="o")
+        a.plot(conc, [r["output_throughput"] for r in srv], marker="o")
         a.set(xlabel="concurrent requests", ylabel="output tok/s", title="Throughput vs concurrency", xscale="log")
-        b.plot(conc, [1000 * r["ttft_s"]["p50"] for r in srv], marker="o", label="TTFT p50")
-        b.plot(conc, [1000 * r["tpot_s"]["p50"] for r in srv], marker="o", label="TPOT p50")
+        b.plot(conc, [r["median_ttft_ms"] for r in srv], marker="o", label="TTFT median")
+        b.plot(conc, [r["median_tpot_ms"] for r in srv], marker="o", label="TPOT median")
         b.set(xlabel="concurrent requests", ylabel="ms", title="Latency vs load", xscale="log", yscale="log")
         b.legend()
         fig.tight_layout()

@@ -32,7 +32,9 @@ trap 'kill $SERVER 2>/dev/null || true' EXIT
 until curl -sf http://127.0.0.1:8123/health >/dev/null; do sleep 1; done
 for c in 1 4 16; do
   $B bench serve --base-url http://127.0.0.1:8123 --num-prompts $((c * 4 > 8 ? c * 4 : 8)) --max-concurrency $c \
-    --input-len 32 512 --output-len 64 64 --output-json $R/serve_c$c.json
+    --dataset-name random --random-input-len 272 --random-range-ratio 0.88 --random-output-len 64 \
+    --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 --save-result --result-dir $R \
+    --result-filename serve_c$c.json
 done
 kill $SERVER
 .venv/bin/python benchmarks/report.py

@@ -37,3 +37,30 @@ def test_bench_rejects_bad_workload(tiny_models):
     r = subprocess.run(CLI + ["bench", "throughput", "--model", tiny_models["qwen3"], "--input-len", "9", "3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--input-len" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_serve_takes_vllm_flags_and_reports_vllms_fields(tiny_models, tmp_path):
+    from tests.helpers import running_server
+
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Tell me about Paris."},
+                                                       {"from": "gpt", "value": "Paris is a city in France."}]}] * 3))
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "output_tokens": 3}) for i in range(3)))
+    with running_server(tiny_models["qwen3"], "--dtype", "float32", "--max-model-len", "128") as (base, _):
+        for endpoint, dataset in (("/v1/completions", ["--dataset-name", "random", "--random-input-len", "16",
+                                                       "--random-output-len", "4", "--random-range-ratio", "0.5"]),
+                                  ("/v1/chat/completions", ["--dataset-name", "sharegpt", "--dataset-path",
+                                                            str(sharegpt), "--sharegpt-output-len", "4"]),
+                                  ("/v1/completions", ["--dataset-name", "custom", "--dataset-path", str(custom)])):
+            r = subprocess.run(CLI + ["bench", "serve", "--base-url", base, "--endpoint", endpoint, *dataset,
+                                      "--num-prompts", "3", "--max-concurrency", "2", "--request-rate", "50",
+                                      "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+                                      "--save-result", "--result-dir", str(tmp_path), "--result-filename", "s.json"],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            res = json.loads((tmp_path / "s.json").read_text())
+            assert res["completed"] == 3 and res["failed"] == 0 and res["total_output_tokens"] > 0
+            for key in ("request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+                        "median_tpot_ms", "p99_itl_ms", "p50_e2el_ms", "std_ttft_ms"):
+                assert res[key] >= 0, key

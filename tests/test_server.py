@@ -250,13 +250,42 @@ def test_metrics_exposed(server, client):
                  "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_count",
                  "vllm:e2e_request_latency_seconds_sum", "vllm:request_queue_time_seconds_bucket",
                  "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_sum",
-                 "vllm:request_generation_tokens_bucket"):
+                 "vllm:request_generation_tokens_bucket", "vllm:request_success_total"):
         assert name in text, name
     assert _metric(base, "vllm:generation_tokens_total") > 0
     assert _metric(base, "vllm:request_prompt_tokens_count") > 0
     assert 'finished_reason="length"' in text  # vllm:request_success_total, by finish reason
     assert 'vllm:num_requests_running{model_name="tiny"}' in text  # the served name, as vLLM labels it
     assert "pagedllm:" not in text
+
+
+def test_the_grafana_dashboard_reads_series_the_server_exports(server):
+    """docs/monitoring/grafana-dashboard.json: a dashboard Grafana imports (its schema's required parts) whose every
+    query names a series /metrics has."""
+    import os
+
+    base, _ = server
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "monitoring", "grafana-dashboard.json")
+    dash = json.load(open(path))
+    assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int) and dash["panels"]
+    exported = {line.split("{")[0].split(" ")[0] for line in httpx.get(f"{base}/metrics").text.splitlines()
+                if line and not line.startswith("#")}
+    for panel in dash["panels"]:
+        assert {"id", "type", "title", "gridPos", "targets"} <= set(panel)
+        for target in panel["targets"]:
+            for series in re.findall(r"vllm:[a-z0-9_]+", target["expr"]):
+                assert series in exported, (panel["title"], series)
+
+
+def test_text_that_utf8_cannot_encode_is_a_client_error(client, server):
+    base, _ = server
+    body = '{"model": "tiny", "messages": [{"role": "user\\udb60", "content": "hi \\udb60\\udf05 \\ud859"}]}'
+    r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {API_KEY}",
+                                                                             "Content-Type": "application/json"})
+    assert r.status_code in (200, 400), r.text  # never a 500
+    r = httpx.post(f"{base}/v1/completions", content='{"prompt": "a \\udb60 b", "max_tokens": 2}',
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code in (200, 400), r.text
 
 
 def test_sigterm_shuts_down_gracefully(server):

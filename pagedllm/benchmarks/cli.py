@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pagedllm.benchmarks.datasets import add_dataset_args
 from pagedllm.benchmarks.offline import cmd_interference, cmd_latency, cmd_throughput
 from pagedllm.benchmarks.quality import cmd_int8
-from pagedllm.benchmarks.serving import cmd_serve_bench
+from pagedllm.benchmarks.serving import add_serve_bench_args, cmd_serve_bench
 from pagedllm.benchmarks.workloads import add_workload_args
 from pagedllm.entrypoints.cli_args import add_engine_args
 
@@ -29,14 +30,9 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--output-json", default=None)
     lat.set_defaults(func=cmd_latency)
 
-    s = bench.add_parser("serve", help="load a running server through the OpenAI API")
-    s.add_argument("--base-url", default="http://127.0.0.1:8000")
-    s.add_argument("--api-key", default=None)
-    s.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
-    s.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (default: all at once)")
-    s.add_argument("--vocab-size", type=int, default=49152, help="range of the random prompt token ids")
-    add_workload_args(s)
-    s.add_argument("--output-json", default=None)
+    s = bench.add_parser("serve", help="load a running OpenAI-compatible server (vLLM's bench serve flags)")
+    add_serve_bench_args(s)
+    add_dataset_args(s)
     s.set_defaults(func=cmd_serve_bench)
 
     i = bench.add_parser("interference", help="TTFT of a short request sent while a long prompt is prefilled, "

@@ -1,7 +1,8 @@
-"""`pagedllm bench serve`: load a running OpenAI-compatible server and measure what its users feel.
+"""`pagedllm bench serve`: load a running OpenAI-compatible server (pagedllm, vLLM or any other) and measure what
+its users feel, with `vllm bench serve`'s flags and report fields.
 
-Requests stream through /v1/completions at a fixed concurrency or a Poisson arrival rate; for each
-we record time to first token, inter-token latencies and the end-to-end time.
+Requests stream through /v1/completions or /v1/chat/completions at a maximum concurrency and / or a Poisson
+arrival rate; for each we record time to first token, inter-token latencies and the end-to-end latency.
 """
 
 from __future__ import annotations
@@ -9,14 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import httpx
 from tqdm import tqdm
 
-from pagedllm.benchmarks.workloads import make_workload
+from pagedllm.benchmarks.datasets import SampleRequest, sample_requests
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass
@@ -27,6 +33,13 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str = ""
+
+
+def _text(chunk: dict) -> str:
+    """The text a stream chunk adds, for completions (text) and chat (delta.content, or reasoning)."""
+    choice = (chunk.get("choices") or [{}])[0]
+    delta = choice.get("delta") or {}
+    return choice.get("text") or delta.get("content") or delta.get("reasoning_content") or ""
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
@@ -43,7 +56,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     r.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                if not _text(chunk):
                     continue
                 now = time.perf_counter()
                 if r.ttft == 0.0:
@@ -57,68 +70,103 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
     return r
 
 
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "p50": None, "p99": None}
-    v = sorted(values)
-    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
-    return {"mean": sum(v) / len(v), "p50": pick(0.5), "p99": pick(0.99)}
+def _body(endpoint: str, model: str, req: SampleRequest) -> dict:
+    body = {"model": model, "max_tokens": req.output_len, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if endpoint.endswith("chat/completions"):
+        return {**body, "messages": [{"role": "user", "content": req.prompt}]}
+    return {**body, "prompt": req.prompt}
+
+
+def _metrics(name: str, values: list[float], percentiles: list[float]) -> dict:
+    """vLLM's fields for one metric, in ms: mean_, median_, std_ and p<q>_<name>_ms."""
+    v = sorted(values) or [0.0]
+    out = {f"mean_{name}_ms": 1000 * statistics.fmean(v), f"median_{name}_ms": 1000 * statistics.median(v),
+           f"std_{name}_ms": 1000 * statistics.pstdev(v)}
+    for q in percentiles:
+        out[f"p{q:g}_{name}_ms"] = 1000 * v[min(len(v) - 1, int(q / 100 * len(v)))]
+    return out
 
 
 async def _run(ns: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
+    requests = sample_requests(ns)
     async with httpx.AsyncClient(base_url=ns.base_url, timeout=None) as client:
-        models = (await client.get("/v1/models", headers=headers)).json()["data"]
-        model = models[0]["id"]
-        vocab = ns.vocab_size
-        w = make_workload(ns, vocab)
-        bodies = [{"model": model, "prompt": p, "max_tokens": n, "ignore_eos": True, "temperature": 0, "stream": True,
-                   "stream_options": {"include_usage": True}} for p, n in zip(w.prompts, w.output_lens)]
-        sem = asyncio.Semaphore(ns.max_concurrency or len(bodies))
-        bar = tqdm(total=len(bodies), desc="requests")
-        rng = random.Random(ns.workload_seed)
+        model = ns.model or (await client.get("/v1/models", headers=headers)).json()["data"][0]["id"]
+        sem = asyncio.Semaphore(ns.max_concurrency or len(requests))
+        bar = tqdm(total=len(requests), desc="requests", disable=ns.disable_tqdm)
+        rng = random.Random(ns.seed)
 
-        async def limited(body):
+        async def limited(req: SampleRequest) -> RequestResult:
             async with sem:
-                res = await _one(client, "/v1/completions", body, headers)
+                res = await _one(client, ns.endpoint, _body(ns.endpoint, model, req), headers)
                 bar.update(1)
                 return res
 
         start = time.perf_counter()
         tasks = []
-        for body in bodies:
-            tasks.append(asyncio.create_task(limited(body)))
+        for req in requests:
+            tasks.append(asyncio.create_task(limited(req)))
             if ns.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(ns.request_rate))
         results = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        duration = time.perf_counter() - start
         bar.close()
-    good = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in good)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]
-    return {
-        "benchmark": "serve", "base_url": ns.base_url, "model": model, "num_prompts": len(bodies),
+    good = [(q, r) for q, r in zip(requests, results) if r.ok]
+    inputs, outputs = sum(q.prompt_len for q, _ in good), sum(r.output_tokens for _, r in good)
+    values = {"ttft": [r.ttft for _, r in good], "itl": [x for _, r in good for x in r.itl],
+              "tpot": [(r.latency - r.ttft) / (r.output_tokens - 1) for _, r in good if r.output_tokens > 1],
+              "e2el": [r.latency for _, r in good]}
+    percentiles = [float(q) for q in ns.metric_percentiles.split(",")]
+    result = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "endpoint": ns.endpoint, "base_url": ns.base_url,
+        "model_id": model, "dataset_name": ns.dataset_name, "num_prompts": len(requests),
+        "request_rate": ns.request_rate, "max_concurrency": ns.max_concurrency, "duration": duration,
         "completed": len(good), "failed": len(results) - len(good),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
-        "max_concurrency": ns.max_concurrency, "request_rate": ns.request_rate, "elapsed_s": elapsed,
-        "request_throughput": len(good) / elapsed, "output_tok_s": out_tokens / elapsed,
-        "total_tok_s": (out_tokens + sum(len(p) for p in w.prompts)) / elapsed,
-        "ttft_s": _stats([r.ttft for r in good]), "tpot_s": _stats(tpots),
-        "itl_s": _stats([x for r in good for x in r.itl]), "e2e_s": _stats([r.latency for r in good]),
+        "total_input_tokens": inputs, "total_output_tokens": outputs,
+        "request_throughput": len(good) / duration, "output_throughput": outputs / duration,
+        "total_token_throughput": (inputs + outputs) / duration,
     }
+    for name in ns.percentile_metrics.split(","):
+        if name not in values:
+            raise ValueError(f"--percentile-metrics takes ttft, tpot, itl, e2el; got {name!r}")
+        result.update(_metrics(name, values[name], percentiles))
+    return result
+
+
+def add_serve_bench_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/completions")
+    s.add_argument("--model", default=None, help="the served model name (default: the server's first)")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
+    s.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals per second (default: inf, all at once)")
+    s.add_argument("--percentile-metrics", default="ttft,tpot,itl", help="of ttft, tpot, itl, e2el")
+    s.add_argument("--metric-percentiles", default="99", help="e.g. 50,90,99")
+    s.add_argument("--save-result", action="store_true", help="write the result JSON")
+    s.add_argument("--result-dir", default=".")
+    s.add_argument("--result-filename", default=None)
+    s.add_argument("--disable-tqdm", action="store_true")
 
 
 def cmd_serve_bench(ns: argparse.Namespace) -> None:
-    result = asyncio.run(_run(ns))
-    ms = lambda d: " / ".join("-" if d[k] is None else f"{1000 * d[k]:.1f}" for k in ("mean", "p50", "p99"))  # noqa: E731
-    print(f"\n{result['completed']}/{result['num_prompts']} requests in {result['elapsed_s']:.1f} s "
-          f"(concurrency {result['max_concurrency'] or 'unbounded'}, rate {result['request_rate']}/s)")
-    print(f"  {result['request_throughput']:.2f} req/s | output {result['output_tok_s']:.1f} tok/s | "
-          f"total {result['total_tok_s']:.1f} tok/s")
-    print(f"  TTFT ms (mean / p50 / p99): {ms(result['ttft_s'])}")
-    print(f"  TPOT ms: {ms(result['tpot_s'])} | ITL ms: {ms(result['itl_s'])} | E2E ms: {ms(result['e2e_s'])}")
-    if result["errors"]:
-        print("  errors: " + "; ".join(result["errors"]))
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    r = asyncio.run(_run(ns))
+    print(f"\n============ Serving Benchmark Result ============\n"
+          f"Successful requests: {r['completed']} of {r['num_prompts']}\n"
+          f"Benchmark duration (s): {r['duration']:.2f}\n"
+          f"Total input tokens: {r['total_input_tokens']} | total generated tokens: {r['total_output_tokens']}\n"
+          f"Request throughput (req/s): {r['request_throughput']:.2f}\n"
+          f"Output token throughput (tok/s): {r['output_throughput']:.2f}\n"
+          f"Total token throughput (tok/s): {r['total_token_throughput']:.2f}")
+    for key, value in r.items():
+        if key.endswith("_ms"):
+            print(f"{key}: {value:.2f}")
+    if r["errors"]:
+        print("errors: " + "; ".join(r["errors"]))
+    if ns.save_result:
+        name = ns.result_filename or f"openai-{ns.request_rate}qps-{os.path.basename(str(r['model_id']))}-{r['date']}.json"
+        os.makedirs(ns.result_dir, exist_ok=True)
+        with open(os.path.join(ns.result_dir, name), "w") as f:
+            json.dump({"benchmark": "serve", **r}, f, indent=2)

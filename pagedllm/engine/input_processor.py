@@ -36,12 +36,22 @@ class ProcessedPrompt:
     params: SamplingParams
 
 
+def _valid_text(text: str) -> str:
+    """Text a tokenizer can take: JSON can carry lone UTF-16 surrogates, which are not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds characters that are not valid Unicode (lone surrogates)") from None
+    return text
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size, self.max_model_len = config.model.vocab_size, config.max_model_len
         self.sampling_defaults = dict(config.model.sampling_defaults)
         self.max_logprobs = config.model.max_logprobs
+        self.max_num_seqs = config.scheduler.max_num_seqs
         self.pipeline = config.parallel.pipeline_parallel_size > 1
         self._ids = itertools.count()
         eos = set(config.model.eos_token_ids)
@@ -62,7 +72,7 @@ class InputProcessor:
 
     def chat_prompt(self, messages: list[dict], options: ChatOptions | None = None) -> dict:
         """A conversation as a prompt (its text and token ids) through the chat template."""
-        text = render_chat(self.tokenizer, messages, options or ChatOptions())
+        text = _valid_text(render_chat(self.tokenizer, messages, options or ChatOptions()))
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -77,7 +87,7 @@ class InputProcessor:
                              f"got {type(prompt).__name__}")
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
-        return prompt, self.tokenizer.encode(prompt)
+        return prompt, self.tokenizer.encode(_valid_text(prompt))
 
     def claim_request_id(self, request_id: str | None, in_use) -> str:
         """The caller's id if it is free, or a fresh one."""
@@ -105,6 +115,8 @@ class InputProcessor:
         if any(not 0 <= t < self.vocab_size for t in params.token_ids_in_use()):
             raise ValueError(f"stop_token_ids, logit_bias and allowed_token_ids must name token ids in "
                              f"[0, {self.vocab_size})")
+        if params.n > self.max_num_seqs:  # its samples could never run together (and a huge n would exhaust memory)
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.max_num_seqs})")
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > self.max_logprobs:
                 raise ValueError(f"{name} {getattr(params, name)} exceeds the server's limit of {self.max_logprobs} "

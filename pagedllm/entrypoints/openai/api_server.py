@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,9 +23,10 @@ from pagedllm.engine.chat_template import ChatOptions, load_chat_template
 from pagedllm.engine.factory import create_engine
 from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.cli_args import engine_args_from
+from pagedllm.entrypoints.openai import openapi
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.metrics import Metrics
-from pagedllm.entrypoints.openai.serving import APIError
+from pagedllm.entrypoints.openai.serving import APIError, JSONResponse
 from pagedllm.entrypoints.openai.serving_chat import ChatSettings, OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.model_loader.resolve import EMBEDDED_MODEL_NAME
@@ -58,7 +59,7 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
         logger.info("shutting down: aborting %d request(s)", len(engine.requests))
         async_engine.shutdown()
 
-    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app = FastAPI(title="pagedllm", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.engine = async_engine
     app.state.metrics = metrics
 
@@ -98,28 +99,28 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
     async def engine_dead(_: Request, exc: EngineDeadError):
         return JSONResponse(APIError(503, str(exc), "server_error").body(), status_code=503)
 
-    @app.get("/health")
+    @app.get("/health", response_model=p.HealthResponse, responses=openapi.HEALTH)
     async def health():
         if not async_engine.is_alive:
             return JSONResponse({"status": "unhealthy", "error": ENGINE_DEAD}, status_code=503)
         return engine.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=p.ModelList, responses=openapi.errors(401))
     async def models():
         created = int(time.time())
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "pagedllm",
              "max_model_len": engine.config.max_model_len} for name in serving.names]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=openapi.COMPLETIONS)
     async def completions(req: p.CompletionRequest, raw: Request):
         return await serving.completions(req, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=openapi.CHAT)
     async def chat(req: p.ChatCompletionRequest, raw: Request):
         return await chat_serving.chat(req, raw)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=openapi.TOKENS)
     async def tokenize(req: p.TokenizeRequest):
         serving.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -142,7 +143,7 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
             ids = await async_engine.call(lambda e: e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=openapi.TOKENS)
     async def detokenize(req: p.DetokenizeRequest):
         serving.check_model(req.model)
         if engine.tokenizer is None:
@@ -151,10 +152,11 @@ def build_app(engine: EngineClient | Callable[[], EngineClient], served_model_na
             raise APIError(400, f"token ids must be in [0, {engine.config.model.vocab_size})", param="tokens")
         return {"prompt": await async_engine.call(lambda e: e.tokenizer.decode(req.tokens))}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=openapi.METRICS)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    openapi.describe(app)
     return app
 
 

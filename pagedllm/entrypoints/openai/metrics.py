@@ -80,7 +80,7 @@ class Metrics:
         self.prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
         self.generation_tokens = hist("request_generation_tokens", "Tokens generated per request (all samples)",
                                       _TOKEN_BUCKETS)
-        self.success = Counter("request_success", "Finished requests by the reason their first sample ended",
+        self.success = Counter(f"{namespace}:request_success", "Finished requests by the reason their first sample ended",
                                [*names, "finished_reason"], registry=self.registry)
 
     def observe_finished(self, out: RequestOutput) -> None:

@@ -3,8 +3,10 @@ adding requests (bad input is a 400 before any output), gathering and streaming 
 
 from __future__ import annotations
 
+import json
 import logging
 
+import fastapi.responses
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
@@ -16,6 +18,14 @@ from pagedllm.outputs import ENGINE_DEAD, CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedllm")
+
+
+class JSONResponse(fastapi.responses.JSONResponse):
+    """JSON with non-ASCII characters escaped: a request's text may hold lone surrogates, which an error message can
+    quote and UTF-8 cannot encode (starlette's JSONResponse would fail with a 500)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class APIError(Exception):

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.chat_template import ChatOptions
@@ -21,6 +20,7 @@ from pagedllm.entrypoints.openai import protocol_chat as pc
 from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS, ReasoningStream
 from pagedllm.entrypoints.openai.serving import (
     APIError,
+    JSONResponse,
     OpenAIServing,
     finish_reason,
     raise_if_failed,

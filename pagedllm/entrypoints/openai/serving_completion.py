@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from pagedllm.entrypoints.openai import protocol as p
 from pagedllm.entrypoints.openai.serving import (
     APIError,
+    JSONResponse,
     OpenAIServing,
     finish_reason,
     raise_if_failed,
