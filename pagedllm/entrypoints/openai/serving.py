@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import fastapi.responses
 from fastapi import Request
@@ -13,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
 from pagedllm.engine.protocol import EngineClient
 from pagedllm.entrypoints.openai import protocol as p
-from pagedllm.entrypoints.openai.streams import collect, sse, unless_disconnected
+from pagedllm.entrypoints.openai.streams import collect, merge, sse, unless_disconnected
 from pagedllm.outputs import ENGINE_DEAD, CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -63,6 +64,19 @@ def top_logprobs(entry: dict, k: int) -> list:
 def raise_if_failed(out: RequestOutput) -> None:
     if out.error:
         raise RuntimeError(out.error)
+
+
+async def choice_updates(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput, CompletionOutput]]:
+    """(stream index, its output, one of its choices) for each choice the output advanced or ended; a failed request
+    raises. With n > 1 every output carries all the choices, so one that has ended is not given again."""
+    ended: set[tuple[int, int]] = set()
+    async for i, out in merge(streams):
+        raise_if_failed(out)
+        for c in out.outputs:
+            if (i, c.index) not in ended:
+                if c.finish_reason is not None:
+                    ended.add((i, c.index))
+                yield i, out, c
 
 
 class OpenAIServing:

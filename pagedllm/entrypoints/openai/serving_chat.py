@@ -22,12 +22,11 @@ from pagedllm.entrypoints.openai.serving import (
     APIError,
     JSONResponse,
     OpenAIServing,
+    choice_updates,
     finish_reason,
-    raise_if_failed,
     top_logprobs,
     usage,
 )
-from pagedllm.entrypoints.openai.streams import merge
 from pagedllm.entrypoints.openai.tool_parsers import (
     TOOL_PARSERS,
     ToolCall,
@@ -182,28 +181,21 @@ class OpenAIServingChat(OpenAIServing):
     async def _chunks(self, req, model, rid, streams, prompt: str, tool_choice: str) -> AsyncIterator[pc.ChatCompletionChunk]:
         states: dict[int, _Choice] = {}
         sent_tokens: dict[int, int] = {}
-        finished: set[int] = set()
         final = None
-        async for _, out in merge(streams):
-            raise_if_failed(out)
-            for c in out.outputs:
-                if c.index in finished:  # n > 1: a choice that ended is still in its siblings' outputs
-                    continue
-                if c.index not in states:
-                    states[c.index], sent_tokens[c.index] = _Choice(self, prompt, tool_choice), 0
-                    yield self._chunk(rid, model, c.index, pc.DeltaMessage(role="assistant", content=""))
-                state, done = states[c.index], c.finish_reason is not None
-                if done:
-                    finished.add(c.index)
-                reasoning, content, calls = state.update(c.text, final=done)
-                lps = self._logprobs(c, req.top_logprobs or 0, sent_tokens[c.index]) if req.logprobs else None
-                sent_tokens[c.index] = len(c.token_ids)
-                if not (reasoning or content or calls or done or (lps and lps.content)):
-                    continue
-                delta = pc.DeltaMessage(content=content or None, reasoning_content=reasoning or None,
-                                       reasoning=reasoning or None, tool_calls=calls or None)
-                yield self._chunk(rid, model, c.index, delta, self._finish(c, state) if done else None, lps)
+        async for _, out, c in choice_updates(streams):
             final = out
+            if c.index not in states:
+                states[c.index], sent_tokens[c.index] = _Choice(self, prompt, tool_choice), 0
+                yield self._chunk(rid, model, c.index, pc.DeltaMessage(role="assistant", content=""))
+            state, done = states[c.index], c.finish_reason is not None
+            reasoning, content, calls = state.update(c.text, final=done)
+            lps = self._logprobs(c, req.top_logprobs or 0, sent_tokens[c.index]) if req.logprobs else None
+            sent_tokens[c.index] = len(c.token_ids)
+            if not (reasoning or content or calls or done or (lps and lps.content)):
+                continue
+            delta = pc.DeltaMessage(content=content or None, reasoning_content=reasoning or None,
+                                   reasoning=reasoning or None, tool_calls=calls or None)
+            yield self._chunk(rid, model, c.index, delta, self._finish(c, state) if done else None, lps)
         if req.stream_options and req.stream_options.include_usage and final is not None:
             yield pc.ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage([final]))
 

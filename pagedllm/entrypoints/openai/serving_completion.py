@@ -11,12 +11,11 @@ from pagedllm.entrypoints.openai.serving import (
     APIError,
     JSONResponse,
     OpenAIServing,
+    choice_updates,
     finish_reason,
-    raise_if_failed,
     top_logprobs,
     usage,
 )
-from pagedllm.entrypoints.openai.streams import merge
 from pagedllm.outputs import CompletionOutput, RequestOutput
 
 
@@ -75,27 +74,21 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _completion_chunks(self, req, model, rid, params, streams) -> AsyncIterator[p.CompletionResponse]:
         sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars sent, tokens sent)
-        finished: set[int] = set()
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merge(streams):
-            raise_if_failed(out)
-            for c in out.outputs:
-                idx = i * params.n + c.index
-                if idx in finished:  # n > 1: a choice that ended is still in its siblings' outputs
-                    continue
-                finished.update([idx] if c.finish_reason is not None else [])
-                chars, toks = sent.get(idx, (0, 0))
-                prefix = self._echo_text(out) if req.echo and idx not in sent else ""
-                delta = prefix + c.text[chars:]
-                if not delta and c.finish_reason is None:
-                    continue
-                first = idx not in sent
-                lps = self._completion_logprobs(out, c, req, toks, chars + len(prefix)) if req.logprobs is not None else None
-                sent[idx] = (len(c.text), len(c.token_ids))
-                yield p.CompletionResponse(id=rid, model=model, usage=None, choices=[p.CompletionChoice(
-                    index=idx, text=delta, logprobs=lps, finish_reason=finish_reason(c), stop_reason=c.stop_reason,
-                    prompt_logprobs=self._prompt_logprobs(req, out) if first else None)])
+        async for i, out, c in choice_updates(streams):
             if out.finished:
                 finals[i] = out
+            idx = i * params.n + c.index
+            chars, toks = sent.get(idx, (0, 0))
+            prefix = self._echo_text(out) if req.echo and idx not in sent else ""
+            delta = prefix + c.text[chars:]
+            if not delta and c.finish_reason is None:
+                continue
+            first = idx not in sent
+            lps = self._completion_logprobs(out, c, req, toks, chars + len(prefix)) if req.logprobs is not None else None
+            sent[idx] = (len(c.text), len(c.token_ids))
+            yield p.CompletionResponse(id=rid, model=model, usage=None, choices=[p.CompletionChoice(
+                index=idx, text=delta, logprobs=lps, finish_reason=finish_reason(c), stop_reason=c.stop_reason,
+                prompt_logprobs=self._prompt_logprobs(req, out) if first else None)])
         if req.stream_options and req.stream_options.include_usage:
             yield p.CompletionResponse(id=rid, model=model, choices=[], usage=usage(list(finals.values())))
