@@ -107,6 +107,7 @@ class ModelConfig:
     sampling_defaults: tuple[tuple[str, float | int], ...] = ()
     max_logprobs: int = 20  # the most top-k logprobs (of outputs or prompts) a request may ask for
     rope_type: str = "default"
+    quantization_config: str = ""  # a quantized checkpoint's quantization_config as JSON (quant_method "gguf")
     rope_scaling: str = ""  # the checkpoint's rope_scaling / rope_parameters as JSON, for transformers' RoPE functions
     # mixture of experts (Qwen3-MoE): routed experts in place of the MLP; 0 experts: a dense model
     num_experts: int = 0
@@ -138,12 +139,12 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {model_type!r}; pagedllm supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        quant = cfg.get("quantization_config")
-        if quant:  # cast without its scales, such weights would load wrong: refuse them
-            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        quant = cfg.get("quantization_config") or {}
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        if quant and method != "gguf":  # cast without its scales, such weights would load wrong: refuse them
             raise ValueError(f"this checkpoint's weights are quantized with {method!r}, which pagedllm cannot run yet; "
-                             "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8) "
-                             "and GGUF files")
+                             "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8 or "
+                             "int4) and GGUF files")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
@@ -177,6 +178,7 @@ class ModelConfig:
             mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
             decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
             rope_type=rope_type,
+            quantization_config=json.dumps(quant, sort_keys=True) if quant else "",
             rope_scaling=json.dumps(rope, sort_keys=True) if rope_type != "default" else "",
         )
 

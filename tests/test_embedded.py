@@ -49,17 +49,24 @@ def test_batch_of_texts_in_input_order(llm):
 
 
 def test_gguf_conversion_matches_transformers_loader():
-    """Our dequantized, un-permuted weights equal transformers' own GGUF loader's (a cross-check of the layout)."""
+    """The converted file keeps the GGUF's Q4_1 and Q8_0 tensors quantized, byte for byte: dequantized, with the Llama
+    Q / K rows un-permuted, they equal transformers' own GGUF loader's weights exactly (a cross-check of the layout)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    from pagedllm.layers.quantization import dequantize
 
     path = embedded_gguf_path()
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).state_dict()
     with safe_open(os.path.join(resolve_model(None), "model.safetensors"), "pt") as f:
-        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
-                     "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight"):
-            torch.testing.assert_close(f.get_tensor(name), ref[name], rtol=0, atol=1e-6)
+        for name, dtype in (("model.layers.0.self_attn.q_proj", torch.uint8), ("model.layers.7.self_attn.k_proj", torch.uint8),
+                            ("model.layers.3.mlp.down_proj", torch.uint8), ("model.embed_tokens", torch.int8)):
+            values = f.get_tensor(f"{name}.weight")
+            assert values.dtype == dtype
+            offset = f.get_tensor(f"{name}.weight_offset") if dtype == torch.uint8 else None
+            w = dequantize(values, f.get_tensor(f"{name}.weight_scale"), offset, torch.float32)
+            torch.testing.assert_close(w, ref[f"{name}.weight"], rtol=0, atol=0)
 
 
 def test_cli_generate_prints_paris():

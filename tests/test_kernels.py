@@ -114,26 +114,58 @@ def test_fused_layers_match_torch_path(dtype, tol, tokens):
         torch.testing.assert_close(a, b, **close)
 
 
+FORMATS = {"int8 per row": (8, None, False), "Q8_0": (8, 32, False), "Q6_K": (8, 16, False), "Q5_K": (8, 32, True),
+           "Q4_1": (4, 32, True), "4-bit g128": (4, 128, False)}
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 9, 40])
 def test_linear_matches_matmul(dtype, tol, rows):
-    """Float and int8 (per-row scale) weights, for no rows, through the GEMV (up to 4 rows), torch's int8 kernel
-    (up to 16) and the dequantized matmul; 100 inputs leave a tail after the SIMD chunks (64 + 32 + 4 for bf16 dot
-    products)."""
+    """Float weights, for no rows, through the GEMV (up to 4 rows) and the matmul; 100 inputs leave a tail after the
+    SIMD chunks (64 + 32 + 4 for bf16 dot products)."""
     from pagedllm.kernels import linear
-    from pagedllm.layers.quantization import quantize_rows
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 100, generator=g).to(dtype)
     w, bias = torch.randn(50, 100, generator=g).to(dtype), torch.randn(50, generator=g).to(dtype)
-    close = dict(atol=tol * 10, rtol=tol)
     torch.testing.assert_close(linear(x, w, bias).float(), (x.double() @ w.double().T + bias.double()).float(),
-                               **close)
-    q, scale = quantize_rows(w)
-    want = x.double() @ (q.double() * scale.double()[:, None]).T
-    torch.testing.assert_close(linear(x, q, None, scale).float(), want.float(), **close)
+                               atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 9, 40])
+@pytest.mark.parametrize("k", [128, 160, 384])
+def test_quantized_linear_matches_the_dequantized_matmul(fmt, dtype, tol, rows, k):
+    """Every grouped format through the GEMVs (up to 4 rows: fp32 vectors, and AVX512-BF16 for 4-bit), torch's int8
+    kernel (per-row int8 up to 16 rows) and the dequantized matmul, against the weights dequantized in fp64; 160
+    inputs end in a lone 4-bit block."""
+    from pagedllm.kernels import linear
+    from pagedllm.layers.quantization import QuantFormat, quantize
+
+    bits, group, offset = FORMATS[fmt]
+    if group and k % group:
+        pytest.skip("rows do not split into these groups")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w, bias = torch.randn(48, k, generator=g), torch.randn(48, generator=g).to(dtype)
+    q, scale, off = quantize(w, QuantFormat(bits, group, offset))
+    values = (q if bits == 8 else _unpack(q)).double().view(48, scale.shape[1], -1) * scale.double()[..., None]
+    if off is not None:
+        values += off.double()[..., None]
+    want = x.double() @ values.view(48, k).T + bias.double()
+    torch.testing.assert_close(linear(x, q, bias, scale, off).float(), want.float(), atol=tol * 10, rtol=tol)
     with pytest.raises(RuntimeError, match="need a scale"):
         linear(x, q, None)
+
+
+def _unpack(q: torch.Tensor) -> torch.Tensor:
+    """4-bit blocks of 32 by hand (byte j: value j low, value j + 16 high), independent of the code under test."""
+    out = torch.empty(q.shape[0], q.shape[1] * 2, dtype=torch.uint8)
+    for b in range(q.shape[1] // 16):
+        block = q[:, 16 * b:16 * (b + 1)]
+        out[:, 32 * b:32 * b + 16], out[:, 32 * b + 16:32 * (b + 1)] = block & 15, block >> 4
+    return out
 
 
 def test_reshape_and_cache_writes_each_token_at_its_slot():
@@ -165,10 +197,11 @@ def test_kernels_refuse_out_of_range_indices():
 
 
 @pytest.mark.parametrize("arch,dtype,quantization", [("qwen3", "float32", None), ("qwen2", "bfloat16", None),
-                                                     ("llama", "bfloat16", "int8")])
+                                                     ("llama", "bfloat16", "int8"), ("qwen3", "bfloat16", "int4")])
 def test_fused_decoder_layers_match_the_module_path(tiny_models, arch, dtype, quantization, monkeypatch):
     """The one-call layer stack runs the same native kernels as the layers' modules do one by one: the same tokens and
-    bit-identical log-probabilities, for q/k norms (Qwen3), QKV biases (Qwen2), int8 weights and tied embeddings."""
+    bit-identical log-probabilities, for q/k norms (Qwen3), QKV biases (Qwen2), int8 and int4 weights and tied
+    embeddings."""
     from pagedllm import LLM, SamplingParams, kernels
     from pagedllm.models.decoder import DecoderModel
     from tests.helpers import random_prompts

@@ -28,8 +28,21 @@ def api_schema(tiny_models):
     engine = LLMEngine.from_engine_args(EngineArgs(model=tiny_models["qwen3"], dtype="float32", max_model_len=64,
                                                    max_num_seqs=8, kv_cache_memory=4 << 20))
     app = build_app(engine, served_model_name="tiny")
-    yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    yield schemathesis.openapi.from_asgi("/openapi.json", _without_lifespan(app))
     engine.shutdown()
+
+
+def _without_lifespan(app):
+    """The app for requests only: schemathesis runs the ASGI lifespan around its calls, and the app's shutdown
+    stops the engine (once, at the end, in a real server)."""
+    async def asgi(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return asgi
 
 
 EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "15"))  # per operation and mode; raise it for a long run

@@ -22,6 +22,7 @@ from pagedllm.config import (
 )
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
+from pagedllm.quant_config import QUANTIZATION_METHODS
 
 logger = logging.getLogger("pagedllm")
 
@@ -110,8 +111,9 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or leave it unset")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization {self.quantization!r} is not supported; use "
+                             f"{', '.join(m for m in QUANTIZATION_METHODS if m)} or leave it unset")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.data_parallel_routing not in ("least-loaded", "prefix-affinity"):
@@ -131,8 +133,9 @@ class EngineArgs:
         else:
             model_path = self.model or ""
         dtype = model_config.dtype if self.dtype == "auto" else parse_dtype(self.dtype)
-        if self.quantization == "int8" and self.dtype == "auto":
-            dtype = torch.bfloat16  # int8 weights, bf16 activations, scales and KV cache
+        quantization = self._quantization(model_config)
+        if quantization in ("int8", "int4") and self.dtype == "auto":
+            dtype = torch.bfloat16  # quantized weights, bf16 activations and KV cache
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   tuple(self.pipeline_partition) if self.pipeline_partition else None,
                                   self.data_parallel_size, self.data_parallel_routing)
@@ -146,9 +149,19 @@ class EngineArgs:
                               dtype if self.kv_cache_dtype == "auto" else parse_dtype(self.kv_cache_dtype)),
             scheduler=self._scheduler_config(model_config),
             parallel=parallel,
-            load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, self.quantization, self.seed),
+            load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, quantization, self.seed),
             device=resolve_device(self.device),
         )
+
+    def _quantization(self, model_config: ModelConfig) -> str | None:
+        """A GGUF checkpoint runs in its own quantization unless --dtype asks for dequantized weights or another
+        --quantization requantizes them (as vLLM detects a checkpoint's method)."""
+        gguf = bool(model_config.quantization_config) and self.load_format != "dummy"
+        if self.quantization == "gguf" and not gguf:
+            raise ValueError("quantization 'gguf' needs a GGUF model (a .gguf file, or none for the embedded one)")
+        if self.quantization is None and gguf and self.dtype == "auto":
+            return "gguf"
+        return self.quantization
 
     def _sampling_defaults(self, model_path: str) -> dict:
         """What requests that leave sampling fields unset get: the model's recommendations (vLLM's

@@ -7,6 +7,7 @@ import json
 
 from pagedllm.engine.arg_utils import NO_EFFECT_ARGS, EngineArgs, engine_kwargs
 from pagedllm.memory.units import parse_bytes
+from pagedllm.quant_config import QUANTIZATION_METHODS
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -62,7 +63,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
                    help="full model replicas in their own processes, requests spread over them")
     g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
                    help="how requests are spread over data-parallel replicas")
-    g.add_argument("--quantization", "-q", choices=["int8"], default=None, help="int8 weight-only (per-channel scales)")
+    g.add_argument("--quantization", "-q", choices=[m for m in QUANTIZATION_METHODS if m], default=None,
+                   help="weight-only: int8 (a scale per row), int4 (groups of 32, round-to-nearest), gguf (a GGUF "
+                        "file's own formats: the default for GGUF files unless --dtype is given)")
     g.add_argument("--generation-config", default="auto",
                    help="sampling defaults for what a request leaves unset: auto (the model's generation_config.json), "
                         "vllm (vLLM's own defaults) or a folder holding a generation_config.json")

@@ -120,10 +120,11 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias); int8 weights are multiplied by their per-row `scale`. Up to 4 rows
-    stream the weights at memory speed; more go to torch's matmul."""
-    return torch.ops.pagedllm.linear(x, weight, bias, scale)
+           scale: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias); quantized weights (int8 [N, K] or 4-bit [N, K / 2]) come with fp16 group
+    scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows stream the weights at memory
+    speed; more go to torch's matmul."""
+    return torch.ops.pagedllm.linear(x, weight, bias, scale, offset)
 
 
 def decoder_layers(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *metadata_and_weights):

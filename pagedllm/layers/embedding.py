@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_group
@@ -18,6 +17,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp.size)  # padded so every rank has the same rows
         self.vocab_start = self.tp.rank * self.shard_size
+        self.dtype = torch.get_default_dtype()  # the model's; a quantized table's rows are dequantized to it
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
@@ -26,10 +26,7 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:rows].copy_(narrow(loaded, 0, self.vocab_start, rows))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight)
-        if self.weight.dtype == torch.int8:  # int8 rows times their scale
-            return rows.to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
-        return rows
+        return quant.embed(self, ids, self.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -1,9 +1,11 @@
-"""int8 weight-only quantization: one symmetric scale per output channel (the brief's int8 row).
+"""Weight-only quantization in groups: one format for every scheme pagedllm runs.
 
-Weights are stored as int8 plus a scale per row in the activation dtype. Small batches (decode)
-multiply straight from int8, reading half the bytes of bf16 (the native kernel's GEMV up to 4 tokens,
-torch's int8-weight kernel up to 16); large batches dequantize the weight once per call and use the
-fast bf16 matmul. The native linear op (kernels/csrc/linear_cpu.cpp) makes the same choices in C++.
+A quantized layer keeps `weight` as int8 values [N, K] (8-bit) or two 4-bit values per byte [N, K / 2], plus
+`weight_scale` and, for asymmetric schemes, `weight_offset`, both fp16 [N, K / group_size]: w = scale * q + offset
+per group. 4-bit values sit in blocks of 32 as GGUF stores Q4_0 / Q4_1 (byte j: value j in the low nibble,
+value j + 16 in the high one), so those files load by copying bytes; int8 with one scale per row is the case
+group_size = K. Decode batches multiply straight from the packed values (kernels/csrc/quant_gemv.h), reading a
+quarter (4-bit) or half (8-bit) of bf16's bytes; large batches dequantize once per call for the bf16 matmul.
 """
 
 from __future__ import annotations
@@ -13,40 +15,122 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm import kernels
+from pagedllm.quant_config import INT4_BLOCK, QuantFormat
 
 INT8_KERNEL_MAX_ROWS = 16  # above this many tokens, dequantize + bf16 matmul is faster on bf16-capable CPUs
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (int8 [out, in], scale [out]) with w ≈ q * scale[:, None]."""
-    wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(w.dtype)
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 [N, K] (uint8) -> [N, K / 2] in 32-value blocks (low nibbles: the block's first 16)."""
+    blocks = q.view(q.shape[0], -1, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
-def quantize_module_(module: nn.Module) -> None:
-    """Swap a module's float `weight` for an int8 one and a `weight_scale` (in place)."""
-    q, scale = quantize_rows(module.weight.data)
-    module.weight = nn.Parameter(q, requires_grad=False)
-    module.weight_scale = nn.Parameter(scale, requires_grad=False)
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    blocks = packed.view(packed.shape[0], -1, INT4_BLOCK // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
-def dequantize(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    return module.weight.to(dtype) * module.weight_scale[:, None]
+def _half_scale(s: torch.Tensor) -> torch.Tensor:
+    h = s.half()
+    return torch.where(h == 0, torch.ones_like(h), h)  # an all-zero group: any scale gives q = 0
+
+
+def quantize(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest: w [N, K] -> (values, fp16 scale [N, groups], fp16 offset or None), each q computed from
+    the fp16-rounded scale and offset so that scale * q + offset is the value the kernels multiply by."""
+    n, k = w.shape
+    fmt.check(k, "quantize")
+    g = w.float().view(n, fmt.groups(k), -1)
+    if fmt.bits == 8:
+        scale = _half_scale(g.abs().amax(-1) / 127)
+        q = torch.round(g / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q.view(n, k), scale, None
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale, offset = _half_scale((hi - lo) / 15), lo.half()
+    q = torch.round((g - offset.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    return pack_int4(q.view(n, k)), scale, offset
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The float matrix [N, K] (computed in fp32, as the kernels do, then cast)."""
+    q = unpack_int4(values) if values.dtype == torch.uint8 else values
+    n, k = q.shape
+    w = q.float().view(n, scale.shape[1], -1) * scale.float()[..., None]
+    if offset is not None:
+        w += offset.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def make_quantized_(module: nn.Module, fmt: QuantFormat) -> None:
+    """Give a layer empty quantized parameters in place of its float weight (for a quantized checkpoint to load
+    into, through the weight's own loader: every tensor shards along the weight's dimensions)."""
+    n, k = module.weight.shape
+    fmt.check(k, type(module).__name__)
+    loader = getattr(module.weight, "weight_loader", None)
+    device = module.weight.device
+    values = torch.empty(n, k // 2 if fmt.bits == 4 else k, dtype=torch.uint8 if fmt.bits == 4 else torch.int8,
+                         device=device)
+    tensors = {"weight": values, "weight_scale": torch.empty(n, fmt.groups(k), dtype=torch.float16, device=device)}
+    if fmt.offset:
+        tensors["weight_offset"] = torch.empty(n, fmt.groups(k), dtype=torch.float16, device=device)
+    _set(module, tensors, loader)
+
+
+def quantize_module_(module: nn.Module, fmt: QuantFormat) -> None:
+    """Replace a layer's float weight by its round-to-nearest quantization (in place)."""
+    q, scale, offset = quantize(module.weight.data, fmt)
+    _set(module, {"weight": q, "weight_scale": scale, **({"weight_offset": offset} if offset is not None else {})},
+         getattr(module.weight, "weight_loader", None))
+
+
+def _set(module: nn.Module, tensors: dict[str, torch.Tensor], loader) -> None:
+    for name, t in tensors.items():
+        param = nn.Parameter(t, requires_grad=False)
+        if loader is not None:
+            param.weight_loader = loader
+        setattr(module, name, param)
+
+
+def share_weights(dst: nn.Module, src: nn.Module) -> None:
+    """dst uses src's weight and its scales (a tied LM head)."""
+    for name in ("weight", "weight_scale", "weight_offset"):
+        if hasattr(src, name):
+            setattr(dst, name, getattr(src, name))
+
+
+def scale_and_offset(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(module, "weight_scale", None), getattr(module, "weight_offset", None)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return module.weight.dtype in (torch.int8, torch.uint8)
+
+
+def embed(module: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of an embedding table, dequantized if it is quantized."""
+    rows = F.embedding(ids, module.weight)
+    if not is_quantized(module):
+        return rows
+    scale, offset = scale_and_offset(module)
+    flat = rows.view(-1, rows.shape[-1])
+    out = dequantize(flat, scale[ids.reshape(-1)], None if offset is None else offset[ids.reshape(-1)], dtype)
+    return out.view(*ids.shape, -1)
 
 
 def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T for a float or int8-quantized module weight."""
+    """x @ W^T for a float or quantized module weight."""
     w = module.weight
-    scale = module.weight_scale if w.dtype == torch.int8 else None
+    scale, offset = scale_and_offset(module)
     if module.native:
-        return kernels.linear(x, w, bias, scale)
+        return kernels.linear(x, w, bias, scale, offset)
     if scale is None:
         return F.linear(x, w, bias)
-    # torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= INT8_KERNEL_MAX_ROWS and x.shape[1] % 16 == 0:
-        y = torch._weight_int8pack_mm(x.contiguous(), w, scale)
+    # torch's int8 kernel: per-row scales, rows of a multiple of 16 values (it crashed on 72)
+    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= INT8_KERNEL_MAX_ROWS and x.shape[1] % 16 == 0
+            and w.dtype == torch.int8 and scale.shape[1] == 1):
+        y = torch._weight_int8pack_mm(x.contiguous(), w, scale.view(-1).to(x.dtype))
     else:
-        y = F.linear(x, dequantize(module, x.dtype))
+        y = F.linear(x, dequantize(w, scale, offset, x.dtype))
     return y if bias is None else y + bias

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name
 from pagedllm.memory.kv_sizing import brief_kv_bytes_per_token, kv_bytes_per_token
 from pagedllm.memory.weights import (
+    FLOAT_BYTES,
     WEIGHT_DTYPES,
     count_parameters,
     replicated_tensors,
@@ -56,7 +57,7 @@ def make_plan(config: EngineConfig, concurrency: int = 8, device_memory: int | N
     cfg, cache, sched, par = config.model, config.cache, config.scheduler, config.parallel
     wdtype, kvdtype = weight_dtype_name(config), dtype_name(cache.cache_dtype)
     tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
-    kv_b = WEIGHT_DTYPES[kvdtype]
+    kv_b = FLOAT_BYTES[kvdtype]
     exact = kv_bytes_per_token(cfg, kv_b)
     brief = brief_kv_bytes_per_token(cfg, kv_b)
     ctx_conc = sched.max_model_len * concurrency
@@ -91,7 +92,8 @@ def make_plan(config: EngineConfig, concurrency: int = 8, device_memory: int | N
                      "block_size": cache.block_size, "max_num_batched_tokens": sched.max_num_batched_tokens},
         "parameters": count_parameters(cfg),
         "active_parameters": count_parameters(cfg, active=True),  # per token: a MoE model's top-k experts
-        "weight_bytes": {name: weights_per_stage(cfg, name)[0].bytes for name in WEIGHT_DTYPES},
+        "weight_bytes": {name: weights_per_stage(cfg, name)[0].bytes
+                         for name in (*WEIGHT_DTYPES, *(["gguf"] if cfg.quantization_config else []))},
         "kv_cache": {
             "bytes_per_token": exact, "brief_bytes_per_token": brief, "brief_over_exact": brief / exact,
             "why": gqa_note(cfg), "bytes_per_block": exact * cache.block_size,

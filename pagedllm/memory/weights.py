@@ -9,17 +9,26 @@ norm and LM head (a tied LM head then needs its own copy of the embedding on the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
+from pagedllm.quant_config import RTN_SCHEMES, QuantFormat
 
-WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # bytes per weight
-INT8_SCALE_BYTES = 2  # one bf16 scale per output channel; norms and biases stay bf16
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; "gguf": the
+# formats a GGUF checkpoint lists per layer)
+WEIGHT_DTYPES = (*FLOAT_BYTES, *RTN_SCHEMES)
+# where each tensor of tensor_specs lives in the checkpoint (a layer's under model.layers.<i>.)
+_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+            "down_proj": "mlp.down_proj", "router": "mlp.gate", "embed_tokens": "model.embed_tokens",
+            "lm_head": "lm_head", "lm_head (tied copy)": "model.embed_tokens"}
 
 
 def weight_dtype_name(config: EngineConfig) -> str:
-    """What the weights are stored in: int8 under int8 quantization, else the run dtype."""
-    return "int8" if config.load.quantization == "int8" else dtype_name(config.dtype)
+    """What the weights are stored in: the quantization scheme, else the run dtype."""
+    return config.load.quantization or dtype_name(config.dtype)
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class TensorSpec:
     cols: int  # input features; 1 for vectors
     split: str  # "rows", "cols", "kv", "vocab" or "replicated"
     stage: str  # "first", "last" or "layer"
-    int8: bool = True  # quantized under --quantization int8 (routed experts stay in the activation dtype)
+    int8: bool = True  # quantized under weight-only quantization (routed experts stay in the activation dtype)
     experts: int = 0  # of a MoE layer's experts: how many this tensor stacks (the top k of them are active)
 
 
@@ -81,12 +90,21 @@ def _local_shape(spec: TensorSpec, cfg: ModelConfig, tp: int) -> tuple[int, int]
     return spec.rows, spec.cols
 
 
-def _bytes(rows: int, cols: int, dtype: str, int8: bool = True) -> int:
-    if cols == 1 or (dtype == "int8" and not int8):  # vectors (norms, biases) and experts are never quantized
-        return rows * cols * (2 if dtype == "int8" else WEIGHT_DTYPES[dtype])
-    if dtype == "int8":
-        return rows * cols + rows * INT8_SCALE_BYTES
-    return rows * cols * WEIGHT_DTYPES[dtype]
+def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> QuantFormat | None:
+    """The quantized format a tensor is stored in, None for floats (vectors, experts, unquantized weights)."""
+    if spec.cols == 1 or not spec.int8 or dtype in FLOAT_BYTES:
+        return None
+    if dtype == "gguf":
+        module = _MODULES[spec.name] if spec.stage != "layer" else f"model.layers.{layer}.{_MODULES[spec.name]}"
+        fmt = json.loads(cfg.quantization_config)["formats"].get(module)
+        return QuantFormat(**fmt) if fmt else None
+    linear, table = RTN_SCHEMES[dtype]
+    return table if spec.split == "vocab" else linear
+
+
+def _bytes(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int, rows: int, cols: int) -> int:
+    fmt = _format(cfg, dtype, spec, layer)
+    return fmt.nbytes(rows, cols) if fmt else rows * cols * FLOAT_BYTES.get(dtype, 2)
 
 
 def count_parameters(cfg: ModelConfig, active: bool = False) -> int:
@@ -118,13 +136,13 @@ def weights_per_stage(cfg: ModelConfig, dtype: str, tp: int = 1, pp: int = 1,
         glob = glob + [TensorSpec("lm_head (tied copy)", cfg.vocab_size, cfg.hidden_size, "vocab", "last")]
     stages = []
     for rank, (start, end) in enumerate(partition_layers(cfg.num_layers, pp, partition)):
-        held = [(s, 1) for s in glob if (s.stage == "first" and rank == 0) or (s.stage == "last" and rank == pp - 1)]
-        held += [(s, 1) for i in range(start, end) for s in tensor_specs(cfg, i)[1]]
+        held = [(s, -1) for s in glob if (s.stage == "first" and rank == 0) or (s.stage == "last" and rank == pp - 1)]
+        held += [(s, i) for i in range(start, end) for s in tensor_specs(cfg, i)[1]]
         params = sharded = replicated = 0
-        for spec, times in held:
+        for spec, layer in held:
             rows, cols = _local_shape(spec, cfg, tp)
-            nbytes = _bytes(rows, cols, dtype, spec.int8) * times
-            params += rows * cols * times
+            nbytes = _bytes(cfg, dtype, spec, layer, rows, cols)
+            params += rows * cols
             if spec.split == "replicated" or (spec.split == "kv" and tp > cfg.num_kv_heads):
                 replicated += nbytes
             else:

@@ -1,8 +1,11 @@
-"""Turn a GGUF file into a Hugging Face checkpoint folder, once, so every later start reads safetensors.
+"""Turn a GGUF file into a Hugging Face-style checkpoint folder, once, so every later start reads safetensors.
 
-The `gguf` package reads and dequantizes the tensors; transformers builds the tokenizer (with its
-chat template) from the GGUF metadata. llama.cpp stores Llama's Q and K weights permuted for its
-rotary layout, so they are un-permuted back to the HF layout here.
+Quantized weights stay quantized (model_loader/gguf_quants.py): each layer's values, group scales and offsets
+are stored as `<name>.weight`, `.weight_scale` and `.weight_offset`, and config.json's quantization_config
+(quant_method "gguf") lists each layer's format; the engine runs them natively or dequantizes them at load
+(`--dtype`). Float tensors, and quantized types the kernels do not take, are stored as fp32. transformers builds
+the tokenizer (with its chat template) from the GGUF metadata. llama.cpp stores Llama's Q and K weights permuted
+for its rotary layout, so they are un-permuted back to the HF layout here (whole rows: quantized ones too).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import tempfile
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from pagedllm.layers.quantization import dequantize
+from pagedllm.model_loader.gguf_quants import Grouped, common_format, to_grouped
 
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -81,8 +87,7 @@ def hf_config_from_gguf(reader) -> dict:
         "hidden_act": "silu",
         "rope_scaling": _rope_scaling(reader, g),
         "_name_or_path": _field(reader, "general.name", ""),
-        # Serve in bf16 by default; the fp32 copy on disk keeps the dequantized values exact.
-        "dtype": "bfloat16",
+        "dtype": "bfloat16",  # the activations' dtype by default
     }
 
 
@@ -101,35 +106,70 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # loaded into one layer: one format
+
+
+def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
+    """One GGUF tensor in HF layout: grouped-quantized where its type allows, else fp32."""
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+    grouped = to_grouped(t.data, t.tensor_type, shape[0], shape[-1]) if len(shape) == 2 else None
+    if grouped is None:
+        from gguf.quants import dequantize
+
+        grouped = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config["num_attention_heads" if name.endswith("q_proj.weight") else "num_key_value_heads"]
+        if isinstance(grouped, torch.Tensor):
+            return _unpermute(grouped, heads)
+        values, scale, offset, fmt = grouped
+        return (_unpermute(values, heads), _unpermute(scale, heads),
+                None if offset is None else _unpermute(offset, heads), fmt)
+    return grouped
+
+
+def _fuse_formats(tensors: dict[str, torch.Tensor | Grouped]) -> None:
+    """The parts of a fused layer in one format, or all dequantized if any part is a float tensor."""
+    for parts in _FUSED:
+        for name in [n for n in tensors if f".{parts[0]}." in n]:
+            names = [name.replace(parts[0], p) for p in parts]
+            group = [tensors[n] for n in names if n in tensors]
+            if all(isinstance(g, tuple) for g in group):
+                fused = common_format(group)
+            else:
+                fused = [g if isinstance(g, torch.Tensor) else dequantize(*g[:3], torch.float32) for g in group]
+            tensors.update(zip(names, fused))
+
+
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     from gguf import GGUFReader
-    from gguf.quants import dequantize
     from transformers import AutoTokenizer
 
     reader = GGUFReader(gguf_path)
     config = hf_config_from_gguf(reader)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    tensors: dict[str, torch.Tensor] = {}
     unknown = [t.name for t in reader.tensors if _hf_name(t.name) is None and t.name != "rope_freqs.weight"]
     if unknown:  # dropping them would run the model wrong
         raise ValueError(f"GGUF tensors pagedllm does not know how to use: {', '.join(unknown[:5])}")
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        if name is None:
-            continue  # rope_freqs: in the config
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
-        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
-            w = _unpermute(w, heads)
-        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
-            w = _unpermute(w, kv_heads)
-        tensors[name] = w.contiguous()
+    tensors = {name: _tensor(t, name, config) for t in reader.tensors if (name := _hf_name(t.name)) is not None}
+    _fuse_formats(tensors)
+    formats, flat = {}, {}
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            flat[name] = t.contiguous()
+            continue
+        values, scale, offset, fmt = t
+        base = name.removesuffix(".weight")
+        formats[base] = {"bits": fmt.bits, "group_size": fmt.group_size, "offset": fmt.offset}
+        flat.update({name: values.contiguous(), f"{base}.weight_scale": scale.contiguous()})
+        if offset is not None:
+            flat[f"{base}.weight_offset"] = offset.contiguous()
+    if formats:
+        config["quantization_config"] = {"quant_method": "gguf", "formats": formats}
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".convert-")
     try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        save_file(flat, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))

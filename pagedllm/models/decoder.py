@@ -18,6 +18,7 @@ from pagedllm import kernels
 from pagedllm.config import ModelConfig
 from pagedllm.distributed.parallel_state import get_tp_group
 from pagedllm.forward_context import get_attention_metadata
+from pagedllm.layers import quantization as quant
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import CustomOp
@@ -31,8 +32,8 @@ from pagedllm.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from pagedllm.layers.quantization import quantize_module_
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.quant_config import RTN_SCHEMES, QuantFormat
 
 
 class Attention(nn.Module):
@@ -107,16 +108,11 @@ class DecoderLayer(nn.Module):
     def native_params(self) -> list[torch.Tensor | None]:
         """This layer's weights in the order the native kernel takes them (kernels/csrc/decoder_layer_cpu.cpp)."""
         attn, mlp = self.self_attn, self.mlp
-        return [self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, _scale(attn.qkv_proj),
-                attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None,
-                attn.o_proj.weight, _scale(attn.o_proj), self.post_attention_layernorm.weight,
-                mlp.gate_up_proj.weight, _scale(mlp.gate_up_proj), mlp.down_proj.weight, _scale(mlp.down_proj),
-                attn.rotary.cos, attn.rotary.sin]
-
-
-def _scale(linear: nn.Module) -> torch.Tensor | None:
-    """An int8 layer's per-row weight scales (None for float weights)."""
-    return getattr(linear, "weight_scale", None)
+        return [self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                *quant.scale_and_offset(attn.qkv_proj), attn.q_norm.weight if attn.qk_norm else None,
+                attn.k_norm.weight if attn.qk_norm else None, attn.o_proj.weight, *quant.scale_and_offset(attn.o_proj),
+                self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, *quant.scale_and_offset(mlp.gate_up_proj),
+                mlp.down_proj.weight, *quant.scale_and_offset(mlp.down_proj), attn.rotary.cos, attn.rotary.sin]
 
 
 @dataclass(frozen=True)
@@ -234,14 +230,41 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def quantize_int8_(self) -> None:
-        """int8 weight-only: every linear layer and the embedding / LM head (shared when tied on one stage)."""
-        shared = self.lm_head is not None and self.model.embed_tokens is not None and \
+    def _tied_head(self) -> bool:
+        return self.lm_head is not None and self.model.embed_tokens is not None and \
             self.lm_head.weight is self.model.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, LinearBase) or (module is not None and module is self.model.embed_tokens) or (
-                    module is self.lm_head and module is not None and not shared):
-                quantize_module_(module)
-        if shared:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            self.lm_head.weight_scale = self.model.embed_tokens.weight_scale
+
+    def _quantizable(self) -> dict[str, nn.Module]:
+        """The layers weight-only quantization applies to: linear layers (not MoE experts), the embedding and an
+        LM head of its own, by name."""
+        tied = self._tied_head()
+        return {name: m for name, m in self.named_modules()
+                if isinstance(m, LinearBase) or (m is not None and m is self.model.embed_tokens)
+                or (m is not None and m is self.lm_head and not tied)}
+
+    def quantize_(self, scheme: str) -> None:
+        """Round-to-nearest weight-only quantization of the loaded weights (config.RTN_SCHEMES: linear layers in one
+        format, the embedding / LM head in another, shared when tied on one stage)."""
+        tied = self._tied_head()
+        linear_format, table_format = RTN_SCHEMES[scheme]
+        for m in self._quantizable().values():
+            quant.quantize_module_(m, linear_format if isinstance(m, LinearBase) else table_format)
+        if tied:
+            quant.share_weights(self.lm_head, self.model.embed_tokens)
+
+    def make_quantized_(self, formats: dict[str, QuantFormat]) -> None:
+        """Quantized parameters, empty, for a quantized checkpoint to load into; `formats` maps checkpoint module
+        names (q_proj, ...) to formats, which the parts of one fused layer must share."""
+        tied = self._tied_head()
+        ours: dict[str, QuantFormat] = {}
+        for ckpt_name, fmt in formats.items():
+            target = self.checkpoint_target(f"{ckpt_name}.weight")[0].removesuffix(".weight")
+            if ours.setdefault(target, fmt) != fmt:
+                raise ValueError(f"the parts of {target} are stored in different formats")
+        for name, m in self._quantizable().items():
+            fmt = ours.get(name) or (ours.get("model.embed_tokens") if m is self.lm_head and
+                                     self.model.embed_tokens is None else None)
+            if fmt is not None:
+                quant.make_quantized_(m, fmt)
+        if tied:
+            quant.share_weights(self.lm_head, self.model.embed_tokens)

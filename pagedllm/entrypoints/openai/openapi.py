@@ -29,10 +29,10 @@ def _ref(model) -> dict:
 def json_or_stream(model, chunk) -> dict:
     """A JSON body, or with "stream": true server-sent events: each a chunk, or an error body if the engine fails
     mid-stream, then the text [DONE]."""
-    data = {"anyOf": [_ref(chunk), _ref(p.ErrorResponse)]}  # as JSON text; the last event's data is [DONE]
-    event = {"type": "object", "required": ["data"], "properties": {
-        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
-        "event": {"type": "string"}}}
+    body = {"anyOf": [_ref(chunk), _ref(p.ErrorResponse)]}
+    data = {"anyOf": [{"type": "string", "contentMediaType": "application/json", "contentSchema": body},
+                      {"const": "[DONE]"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
     return {200: {"model": model, "description": "the response, or with stream=true server-sent events",
                   "content": {"text/event-stream": {"schema": event}}}}
 

@@ -14,7 +14,7 @@
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 // Functions with this attribute are compiled for AVX512-BF16 and called only where cpu_has_bf16_dot().
-#define PAGEDLLM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define PAGEDLLM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 
 // Runs the lambda (which sees the element type as scalar_t) for the dtypes the kernels are built for.

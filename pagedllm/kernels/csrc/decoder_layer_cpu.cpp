@@ -14,7 +14,7 @@ namespace pagedllm {
 
 namespace {
 
-constexpr size_t kLayerParams = 15;  // per layer, in models/decoder.py's DecoderLayer.native_params order
+constexpr size_t kLayerParams = 19;  // per layer, in models/decoder.py's DecoderLayer.native_params order
 
 // residual += x (the previous layer's output; none before the first layer), then this layer on the normed
 // residual. Updates x and residual in place and returns the layer's output.
@@ -22,11 +22,14 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
                          at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
                          const at::Tensor& block_tables, const at::Tensor& query_start, const at::Tensor& context_lens,
                          const at::Tensor& input_norm, const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias,
-                         const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& q_norm,
-                         const std::optional<at::Tensor>& k_norm, const at::Tensor& o,
-                         const std::optional<at::Tensor>& o_scale, const at::Tensor& post_norm,
+                         const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& qkv_offset,
+                         const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                         const at::Tensor& o, const std::optional<at::Tensor>& o_scale,
+                         const std::optional<at::Tensor>& o_offset, const at::Tensor& post_norm,
                          const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale,
-                         const at::Tensor& down, const std::optional<at::Tensor>& down_scale, const at::Tensor& cos,
+                         const std::optional<at::Tensor>& gate_up_offset, const at::Tensor& down,
+                         const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_offset,
+                         const at::Tensor& cos,
                          const at::Tensor& sin, int64_t num_heads, double eps, double scale) {
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decoder_layer: q_norm and k_norm come together");
   at::Tensor h;
@@ -37,7 +40,7 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
     h = rms_norm(residual, input_norm, eps);
   }
   const int64_t tokens = residual.size(0), kv_heads = k_cache.size(0), head_dim = k_cache.size(3);
-  const auto proj = linear(h, qkv, qkv_bias, qkv_scale);
+  const auto proj = linear(h, qkv, qkv_bias, qkv_scale, qkv_offset);
   auto q = proj.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
   auto k = proj.narrow(1, num_heads * head_dim, kv_heads * head_dim).view({tokens, kv_heads, head_dim});
   const auto v = proj.narrow(1, (num_heads + kv_heads) * head_dim, kv_heads * head_dim).view({tokens, kv_heads, head_dim});
@@ -49,9 +52,10 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
   rotary_embedding(positions, k, cos, sin);
   reshape_and_cache(k, v, k_cache, v_cache, slot_mapping);
   const auto attn = paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale);
-  auto out = linear(attn.view({tokens, num_heads * head_dim}), o, std::nullopt, o_scale);
+  auto out = linear(attn.view({tokens, num_heads * head_dim}), o, std::nullopt, o_scale, o_offset);
   fused_add_rms_norm(out, residual, post_norm, eps);
-  return linear(silu_and_mul(linear(out, gate_up, std::nullopt, gate_up_scale)), down, std::nullopt, down_scale);
+  const auto act = silu_and_mul(linear(out, gate_up, std::nullopt, gate_up_scale, gate_up_offset));
+  return linear(act, down, std::nullopt, down_scale, down_offset);
 }
 
 }  // namespace
@@ -71,8 +75,8 @@ at::Tensor decoder_layers(const std::optional<at::Tensor>& x, at::Tensor& residu
     auto w = [&](size_t j) -> std::optional<at::Tensor> { return weights.get(i * kLayerParams + j); };
     at::Tensor k_cache = kv_caches[2 * i], v_cache = kv_caches[2 * i + 1];
     h = decoder_layer(h, residual, positions, k_cache, v_cache, slot_mapping, block_tables, query_start, context_lens,
-                      *w(0), *w(1), w(2), w(3), w(4), w(5), *w(6), w(7), *w(8), *w(9), w(10), *w(11), w(12), *w(13),
-                      *w(14), num_heads, eps, scale);
+                      *w(0), *w(1), w(2), w(3), w(4), w(5), w(6), *w(7), w(8), w(9), *w(10), *w(11), w(12), w(13),
+                      *w(14), w(15), w(16), *w(17), *w(18), num_heads, eps, scale);
   }
   TORCH_CHECK(h.has_value(), "decoder_layers: no layers and no input");
   return *h;

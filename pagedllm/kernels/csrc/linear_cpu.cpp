@@ -2,8 +2,8 @@
 // library tuned for large batches streams the weights well below the memory's bandwidth (measured here:
 // about 24 GB/s of weights at one row, against 50 GB/s and more of read bandwidth); the GEMV below reads
 // each weight row once, straight into fp32 dot products with every input row, splitting the output
-// features over the threads. Weights are the activations' dtype, or int8 with one scale per output row
-// (weight-only quantization). On CPUs with AVX512-BF16, bf16 rows use its pairwise dot-product
+// features over the threads. Weights are the activations' dtype, or quantized in groups (int8 or 4-bit
+// with fp16 group scales and offsets: quant_gemv.h). On CPUs with AVX512-BF16, bf16 rows use its pairwise dot-product
 // instruction (32 weights per instruction, no conversion to fp32): up to 20 % faster at one row when
 // memory bandwidth is not the limit. Larger batches go to torch's matmul.
 #include <ATen/ATen.h>
@@ -12,6 +12,7 @@
 
 #include "cpu_vec.h"
 #include "ops.h"
+#include "quant_gemv.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -21,7 +22,7 @@ namespace pagedllm::cpu {
 namespace {
 
 constexpr int64_t kMaxRows = 4;         // up to this many input rows, one pass over the weights serves them all
-constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing int8 weights for a bf16 matmul is faster
+constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing per-row int8 weights for a bf16 matmul is faster
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Output rows [begin, end) of a bf16 GEMV with vdpbf16ps; a separate function so that only it is compiled
@@ -57,11 +58,11 @@ PAGEDLLM_BF16_DOT void gemv_rows_bf16_dot(const at::BFloat16* x, const at::BFloa
 }
 #endif
 
-// T: the activations' dtype; W: the weights' (T, or int8 with `scale`).
-template <typename T, typename W, int64_t M>
-void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n_out, int64_t k) {
+// T: the activations' and the weights' dtype.
+template <typename T, int64_t M>
+void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n_out, int64_t k) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, at::BFloat16>) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (cpu_has_bf16_dot()) {
       at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
         gemv_rows_bf16_dot<M>(x, w, bias, y, n_out, k, begin, end);
@@ -74,9 +75,8 @@ void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n
   for (int64_t i = 0; i < M * k; ++i) xf[i] = static_cast<float>(x[i]);
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const W* wr = w + n * k;
-      // two accumulators per input row, as in the bf16 kernel: with one chain of dependent FMAs, int8 rows
-      // (converted before each FMA) streamed at about 40 GB/s
+      const T* wr = w + n * k;
+      // two accumulators per input row, as in the bf16 kernel
       Vec acc[M], acc2[M];
       for (int64_t m = 0; m < M; ++m) acc[m] = acc2[m] = Vec(0.f);
       int64_t i = 0;
@@ -94,7 +94,6 @@ void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n
       for (int64_t m = 0; m < M; ++m) {
         float s = sum_of(acc[m] + acc2[m]);
         for (int64_t j = i; j < k; ++j) s += xf[m * k + j] * static_cast<float>(wr[j]);
-        if (scale != nullptr) s *= static_cast<float>(scale[n]);
         if (bias != nullptr) s += static_cast<float>(bias[n]);
         y[m * n_out + n] = static_cast<T>(s);
       }
@@ -102,35 +101,62 @@ void gemv(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t n
   });
 }
 
+// Calls f with the number of rows (1 to kMaxRows) as a compile-time constant.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    default: f(std::integral_constant<int64_t, 4>{}); break;
+  }
+}
+
+template <typename W>
+QuantWeight<W> quant_weight(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                            int64_t k) {
+  return {static_cast<const W*>(weight.data_ptr()), scale.data_ptr<at::Half>(),
+          offset ? offset->data_ptr<at::Half>() : nullptr, scale.size(1), k};
+}
+
 // The GEMV for up to kMaxRows rows of x (arguments checked by linear).
 at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& scale) {
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
   const auto xc = x.contiguous();
-  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-  auto run = [&](auto act, auto wgt) {
-    using T = decltype(act);
-    using W = decltype(wgt);
-    const T* b = bias ? bias->data_ptr<T>() : nullptr;
-    const T* sc = scale ? scale->data_ptr<T>() : nullptr;
-    auto call = [&](auto rows) {
-      gemv<T, W, decltype(rows)::value>(xc.data_ptr<T>(), static_cast<const W*>(weight.data_ptr()), sc, b,
-                                        y.data_ptr<T>(), weight.size(0), weight.size(1));
-    };
-    switch (x.size(0)) {
-      case 1: call(std::integral_constant<int64_t, 1>{}); break;
-      case 2: call(std::integral_constant<int64_t, 2>{}); break;
-      case 3: call(std::integral_constant<int64_t, 3>{}); break;
-      default: call(std::integral_constant<int64_t, 4>{}); break;
-    }
-  };
+  const int64_t n_out = weight.size(0), k = x.size(1);
+  auto y = at::empty({x.size(0), n_out}, x.options());
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear", [&] {
-    if (weight.scalar_type() == at::kChar) {
-      run(scalar_t{}, int8_t{});
-    } else {
-      run(scalar_t{}, scalar_t{});
-    }
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    with_rows(x.size(0), [&](auto rows) {
+      constexpr int64_t M = decltype(rows)::value;
+      if (weight.scalar_type() == at::kChar) {
+        quant_gemv<scalar_t, int8_t, M>(xc.data_ptr<scalar_t>(), quant_weight<int8_t>(weight, *scale, offset, k), b,
+                                        y.data_ptr<scalar_t>(), n_out);
+      } else if (weight.scalar_type() == at::kByte) {
+        quant_gemv<scalar_t, Int4, M>(xc.data_ptr<scalar_t>(), quant_weight<Int4>(weight, *scale, offset, k), b,
+                                      y.data_ptr<scalar_t>(), n_out);
+      } else {
+        gemv<scalar_t, M>(xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), n_out, k);
+      }
+    });
   });
   return y;
+}
+
+// A quantized weight as a [N, K] matrix of dtype.
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                      int64_t k, at::ScalarType dtype) {
+  auto out = at::empty({weight.size(0), k}, weight.options().dtype(dtype));
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
+    if (weight.scalar_type() == at::kChar) {
+      dequantize_rows<scalar_t, int8_t>(quant_weight<int8_t>(weight, scale, offset, k), out.data_ptr<scalar_t>(),
+                                        weight.size(0));
+    } else {
+      dequantize_rows<scalar_t, Int4>(quant_weight<Int4>(weight, scale, offset, k), out.data_ptr<scalar_t>(),
+                                      weight.size(0));
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -138,33 +164,46 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
 
 namespace pagedllm {
 
-// x: [M, K]; weight: [N, K], x's dtype or int8 with scale [N]; bias: [N] or none. Returns [M, N]. Up to
-// kMaxRows rows stream the weights through the GEMV above; more rows are a matrix product (oneDNN), for int8
-// weights torch's int8-weight kernel up to kInt8KernelRows rows, else on the weight dequantized once.
+// x: [M, K]; weight: [N, K] in x's dtype, or quantized: int8 [N, K] or 4-bit uint8 [N, K / 2] with fp16 scale
+// [N, groups] and optionally offset [N, groups]; bias: [N] or none. Returns [M, N]. Up to kMaxRows rows stream
+// the weights through the GEMVs above; more rows are a matrix product (oneDNN): per-row int8 weights through
+// torch's int8-weight kernel up to kInt8KernelRows rows, other quantized weights dequantized once per call.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "linear: x [M, K] and weight [N, K] on the CPU");
-  const bool int8 = weight.scalar_type() == at::kChar;
-  TORCH_CHECK(weight.is_contiguous() && (int8 || weight.scalar_type() == x.scalar_type()), "linear: weight dtype");
-  TORCH_CHECK(int8 == scale.has_value(), "linear: int8 weights need a scale, others none");
-  for (const auto* t : {&bias, &scale})
-    TORCH_CHECK(!*t || ((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == weight.size(0)),
-                "linear: bias and scale are [N] in x's dtype");
-  if (x.size(0) == 0) return at::empty({0, weight.size(0)}, x.options());
-  if (x.size(0) <= cpu::kMaxRows) return cpu::small_batch_linear(x, weight, bias, scale);
-  if (!int8) return at::linear(x, weight, bias);
-  // torch's int8 kernel needs rows of a multiple of 16 values (it crashed on 72)
-  const bool int8_kernel = x.size(0) <= cpu::kInt8KernelRows && x.size(1) % 16 == 0;
-  auto y = int8_kernel ? at::_weight_int8pack_mm(x.contiguous(), weight, *scale)
-                       : at::linear(x, weight.to(x.scalar_type()) * scale->unsqueeze(1));
-  return bias ? y + *bias : y;
+                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2, "linear: x [M, K] and weight [N, *] on the CPU");
+  const bool int8 = weight.scalar_type() == at::kChar, int4 = weight.scalar_type() == at::kByte;
+  const int64_t n = weight.size(0), k = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && (int8 || int4 || weight.scalar_type() == x.scalar_type()),
+              "linear: weight dtype");
+  TORCH_CHECK(weight.size(1) == (int4 ? k / 2 : k), "linear: weight [N, K] (4-bit: [N, K / 2])");
+  TORCH_CHECK((int8 || int4) == scale.has_value() && (scale.has_value() || !offset.has_value()),
+              "linear: quantized weights need a scale (and may have an offset), others neither");
+  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n),
+              "linear: bias is [N] in x's dtype");
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == at::kHalf && (*t)->is_contiguous() && (*t)->dim() == 2 &&
+                        (*t)->size(0) == n && (*t)->size(1) == scale->size(1) && k % (*t)->size(1) == 0),
+                "linear: scale and offset are fp16 [N, groups], groups dividing K");
+  if (int4) {
+    const int64_t g_size = scale->size(1) > 0 ? k / scale->size(1) : 0;
+    TORCH_CHECK(k % 32 == 0 && g_size % 32 == 0 && (g_size & (g_size - 1)) == 0,
+                "linear: 4-bit weights need K a multiple of 32 and groups of 32 times a power of two");
+  }
+  if (x.size(0) == 0) return at::empty({0, n}, x.options());
+  if (x.size(0) <= cpu::kMaxRows) return cpu::small_batch_linear(x, weight, bias, scale, offset);
+  if (!int8 && !int4) return at::linear(x, weight, bias);
+  // torch's int8 kernel: per-row scales, rows of a multiple of 16 values (it crashed on 72)
+  if (int8 && !offset && scale->size(1) == 1 && x.size(0) <= cpu::kInt8KernelRows && k % 16 == 0) {
+    auto y = at::_weight_int8pack_mm(x.contiguous(), weight, scale->view({n}).to(x.scalar_type()));
+    return bias ? y + *bias : y;
+  }
+  return at::linear(x, cpu::dequantize(weight, *scale, offset, k, x.scalar_type()), bias);
 }
 
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("linear", &pagedllm::linear); }

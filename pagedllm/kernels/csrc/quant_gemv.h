@@ -1,0 +1,250 @@
+// GEMVs over grouped quantized weights, y = x W^T for the few rows of a decode batch. A weight row is K values
+// q in groups of G, each with an fp16 scale s and optionally an fp16 offset o: w = s * q + o. The values are int8
+// (8-bit formats: GGUF Q8_0, and per-row int8 where G = K) or 4-bit, two per byte in blocks of 32 values as GGUF
+// stores Q4_0 / Q4_1 (byte j holds value j in its low nibble and value j + 16 in its high one), so those files
+// load by copying bytes. Per group, sum_i x_i w_i = s * sum_i x_i q_i + o * sum_i x_i: the offsets cost one dot
+// product with the group sums of x per row, computed once per call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace pagedllm::cpu {
+
+// Marks 4-bit storage: two values per byte, 32-value blocks as above.
+struct Int4 {
+  uint8_t bits;
+};
+
+// A quantized weight matrix as the kernels read it.
+template <typename W>
+struct QuantWeight {
+  const W* values;           // [N, K] (int8) or [N, K / 2] (Int4)
+  const at::Half* scale;     // [N, groups]
+  const at::Half* offset;    // [N, groups] or null
+  int64_t groups;
+  int64_t row_stride() const { return std::is_same_v<W, Int4> ? k / 2 : k; }
+  int64_t k;
+};
+
+inline void halves_to_float(const at::Half* p, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) load_float(p + i).store(out + i);
+  for (; i < n; ++i) out[i] = static_cast<float>(p[i]);
+}
+
+// Values [i, i + 32) of a 4-bit row (i a multiple of 32) as floats.
+inline void unpack_int4_block(const Int4* row, int64_t i, float* out) {
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + i / 2;
+  for (int j = 0; j < 16; ++j) out[j] = static_cast<float>(p[j] & 15);
+  for (int j = 0; j < 16; ++j) out[16 + j] = static_cast<float>(p[j] >> 4);
+}
+
+// Per input row m and group g, the sum of x over the group (for the offsets).
+inline std::vector<float> group_sums(const float* xf, int64_t rows, int64_t k, int64_t groups) {
+  std::vector<float> sums(rows * groups, 0.f);
+  const int64_t g_size = k / groups;
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t i = 0; i < k; ++i) sums[m * groups + i / g_size] += xf[m * k + i];
+  return sums;
+}
+
+// Output rows [begin, end) for any activation dtype T, in fp32 vectors (AVX-512, AVX2, or whatever at::vec has).
+template <typename T, typename W, int64_t M>
+void quant_gemv_rows(const float* xf, const float* xsum, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out,
+                     int64_t begin, int64_t end) {
+  const int64_t k = w.k, groups = w.groups, g_size = k / groups;
+  std::vector<float> sf(groups), of(groups);
+  alignas(64) float block[32];
+  for (int64_t n = begin; n < end; ++n) {
+    const W* row = w.values + n * w.row_stride();
+    halves_to_float(w.scale + n * groups, sf.data(), groups);
+    if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of.data(), groups);
+    Vec out[M];
+    float tail[M];
+    for (int64_t m = 0; m < M; ++m) out[m] = Vec(0.f), tail[m] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      Vec acc[M], acc2[M];
+      float part[M];
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc2[m] = Vec(0.f), part[m] = 0.f;
+      int64_t i = g * g_size;
+      const int64_t e = i + g_size;
+      if constexpr (std::is_same_v<W, Int4>) {
+        for (; i < e; i += 32) {
+          unpack_int4_block(row, i, block);
+          for (int64_t j = 0; j < 32; j += kLanes) {
+            const Vec wv = Vec::loadu(block + j);
+            for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(Vec::loadu(xf + m * k + i + j), wv, acc[m]);
+          }
+        }
+      } else {
+        // two accumulators per input row: with one chain of dependent FMAs, int8 rows streamed at about 40 GB/s
+        for (; i + 2 * kLanes <= e; i += 2 * kLanes) {
+          const Vec wv = load_float(row + i), wv2 = load_float(row + i + kLanes);
+          for (int64_t m = 0; m < M; ++m) {
+            acc[m] = at::vec::fmadd(Vec::loadu(xf + m * k + i), wv, acc[m]);
+            acc2[m] = at::vec::fmadd(Vec::loadu(xf + m * k + i + kLanes), wv2, acc2[m]);
+          }
+        }
+        for (; i + kLanes <= e; i += kLanes) {
+          const Vec wv = load_float(row + i);
+          for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(Vec::loadu(xf + m * k + i), wv, acc[m]);
+        }
+        for (; i < e; ++i)
+          for (int64_t m = 0; m < M; ++m) part[m] += xf[m * k + i] * static_cast<float>(row[i]);
+      }
+      const Vec s(sf[g]);
+      for (int64_t m = 0; m < M; ++m) {
+        out[m] = at::vec::fmadd(acc[m] + acc2[m], s, out[m]);
+        tail[m] += part[m] * sf[g] + (w.offset != nullptr ? of[g] * xsum[m * groups + g] : 0.f);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+      y[m * n_out + n] = static_cast<T>(sum_of(out[m]) + tail[m] + b);
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The 4-bit GEMV on AVX512-BF16 for bf16 activations reads 64 bytes (four blocks, 128 values) at a time and
+// splits them, viewed as 16-bit lanes, into four vectors of nibbles without a shuffle: the low and high nibbles
+// of the even bytes and of the odd ones. A nibble n OR 0x4300 is the bf16 of 128 + n, exactly, so each
+// vector multiplies x in pairs (vdpbf16ps) as 128 + q; the 128 * sum(x) this adds per group is taken off with
+// the offsets (o - 128 s). x is rearranged once per call into that order (and padded to 128 with zeros).
+constexpr int64_t kInt4Chunk = 128;
+
+inline std::vector<at::BFloat16> interleave_for_int4(const at::BFloat16* x, int64_t rows, int64_t k) {
+  const int64_t padded = (k + kInt4Chunk - 1) / kInt4Chunk * kInt4Chunk;
+  std::vector<at::BFloat16> out(rows * padded, at::BFloat16(0.f));
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < k; c += kInt4Chunk)
+      for (int64_t v = 0; v < 4; ++v)  // low / high nibbles of even bytes, then of odd bytes
+        for (int64_t lane = 0; lane < 32; ++lane) {
+          const int64_t i = c + (lane / 8) * 32 + (v & 1) * 16 + 2 * (lane % 8) + (v >> 1);
+          if (i < k) out[m * padded + c + v * 32 + lane] = x[m * k + i];
+        }
+  return out;
+}
+
+// Output rows [begin, end); groups are a power-of-two multiple of 32.
+template <int64_t M>
+PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const float* xsum, const QuantWeight<Int4>& w,
+                                                 const at::BFloat16* bias, at::BFloat16* y, int64_t n_out,
+                                                 int64_t begin, int64_t end) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
+  const int64_t k = w.k, groups = w.groups, padded = (k + kInt4Chunk - 1) / kInt4Chunk * kInt4Chunk;
+  const int shift = __builtin_ctzll(k / groups / 32);  // blocks per group = 1 << shift
+  // which of a chunk's four block scales each fp32 lane of the products takes
+  const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  std::vector<float> sf(groups + 16);
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(w.values) + n * (k / 2);
+    const at::Half* sr = w.scale + n * groups;
+    const at::Half* orow = w.offset != nullptr ? w.offset + n * groups : nullptr;
+    // per group, (offset - 128 scale) . sum(x): the offsets and the 128s of the lookup-free conversion
+    __m512 acc[M], fix[M];
+    for (int64_t m = 0; m < M; ++m) acc[m] = fix[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g));
+      const __m512 o = orow != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, orow + g)) : _mm512_setzero_ps();
+      _mm512_storeu_ps(sf.data() + g, s);
+      const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(-128.f), s, o);
+      for (int64_t m = 0; m < M; ++m) fix[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), fix[m]);
+    }
+    for (int64_t i = 0; i < k; i += kInt4Chunk) {
+      const int64_t blocks = std::min<int64_t>(4, (k - i) / 32);
+      const __m512i v = blocks == 4 ? _mm512_loadu_si512(row + i / 2)
+                                    : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * blocks)) - 1), row + i / 2);
+      const __m512bh a = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias128, 0xEA);  // (v & nibble) | bias128
+      const __m512bh b = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias128, 0xEA);
+      const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nibble, bias128, 0xEA);
+      const __m512bh d = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bias128);
+      // the four blocks' scales, each over the four fp32 lanes of its products
+      __m512 s;
+      if (shift == 0) {
+        s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(sf.data() + i / 32)));
+      } else {
+        const int64_t b0 = i / 32;
+        s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_setr_ps(
+            sf[b0 >> shift], sf[(b0 + 1) >> shift], sf[(b0 + 2) >> shift], sf[(b0 + 3) >> shift])));
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const at::BFloat16* xr = xi + m * padded + i;
+        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xr), a);
+        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 32), b);
+        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 64), c);
+        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 96), d);
+        acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float r = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], fix[m]));
+      if (bias != nullptr) r += static_cast<float>(bias[n]);
+      y[m * n_out + n] = static_cast<at::BFloat16>(r);
+    }
+  }
+}
+#endif
+
+// y [M, N] = x [M, K] W^T (+ bias) for a quantized W.
+template <typename T, typename W, int64_t M>
+void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out) {
+  const int64_t k = w.k;
+  std::vector<float> xf(M * k);
+  for (int64_t i = 0; i < M * k; ++i) xf[i] = static_cast<float>(x[i]);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Int4>) {
+    if (cpu_has_bf16_dot()) {
+      const auto xsum = group_sums(xf.data(), M, k, w.groups);
+      const auto xi = interleave_for_int4(x, M, k);
+      at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+        quant_gemv_rows_int4_bf16<M>(xi.data(), xsum.data(), w, bias, y, n_out, begin, end);
+      });
+      return;
+    }
+  }
+#endif
+  const auto xsum = w.offset != nullptr ? group_sums(xf.data(), M, k, w.groups) : std::vector<float>();
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    quant_gemv_rows<T, W, M>(xf.data(), xsum.data(), w, bias, y, n_out, begin, end);
+  });
+}
+
+// W as values of dtype T ([N, K], for the matrix products of large batches).
+template <typename T, typename W>
+void dequantize_rows(const QuantWeight<W>& w, T* out, int64_t n_out) {
+  const int64_t k = w.k, groups = w.groups, g_size = k / groups;
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> sf(groups), of(groups, 0.f);
+    alignas(64) float block[32];
+    for (int64_t n = begin; n < end; ++n) {
+      const W* row = w.values + n * w.row_stride();
+      halves_to_float(w.scale + n * groups, sf.data(), groups);
+      if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of.data(), groups);
+      T* o = out + n * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t e = (g + 1) * g_size;
+        for (int64_t i = g * g_size; i < e; i += 32) {
+          const int64_t len = std::min<int64_t>(32, e - i);
+          if constexpr (std::is_same_v<W, Int4>) {
+            unpack_int4_block(row, i, block);
+          } else {
+            for (int64_t j = 0; j < len; ++j) block[j] = static_cast<float>(row[i + j]);
+          }
+          for (int64_t j = 0; j < len; ++j) o[i + j] = static_cast<T>(block[j] * sf[g] + of[g]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace pagedllm::cpu
