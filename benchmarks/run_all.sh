@@ -6,13 +6,16 @@ cd "$(dirname "$0")/.."
 B=.venv/bin/pagedllm
 R=benchmarks/results
 mkdir -p $R
-# W1 against HF transformers (static batches of 16 and generate_batch), with the machine's limits
-$B bench throughput --max-model-len 1024 --compare hf --output-json $R/throughput_w1.json
-# single request, bf16 and int8, against HF generate at batch 1
-$B bench latency --max-model-len 1024 --compare hf --output-json $R/latency_bf16.json
+# W1 against HF transformers (static batches of 16 and generate_batch), with the machine's limits; bf16 (the GGUF
+# dequantized), then the file's own Q4_1 / Q8_0 (the default)
+$B bench throughput --max-model-len 1024 --dtype bfloat16 --compare hf --output-json $R/throughput_w1.json
+$B bench throughput --max-model-len 1024 --output-json $R/throughput_w1_gguf_q4_1.json
+# single request, bf16, int8 and the GGUF's own Q4_1, against HF generate at batch 1
+$B bench latency --max-model-len 1024 --dtype bfloat16 --compare hf --output-json $R/latency_bf16.json
 $B bench latency --max-model-len 1024 --quantization int8 --output-json $R/latency_int8.json
+$B bench latency --max-model-len 1024 --output-json $R/latency_gguf_q4_1.json
 # single request at a long context (attention's share grows; few decodes split their keys over the threads)
-$B bench latency --max-model-len 4096 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
+$B bench latency --max-model-len 4096 --dtype bfloat16 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
 $B bench int8 --output-json $R/int8_quality.json
 # the brief's model family: one request on Qwen3-0.6B shapes with random weights (no checkpoint needed)
 $B bench latency --model qwen3-0.6b --load-format dummy --max-model-len 1024 --compare hf --output-json $R/latency_qwen3_0.6b_dummy.json

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.helpers import plan_for
@@ -108,10 +109,10 @@ def test_max_model_len_that_cannot_fit_fails_clearly(tiny_models):
     assert r.returncode == 2 and "--kv-cache-memory" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_int8_planner_matches_engine_and_generates(tiny_models, arch):
-    llm = LLM(tiny_models[arch], quantization="int8", max_model_len=256, kv_cache_memory=1 << 20)
-    plan = plan_for(tiny_models[arch], quantization="int8", max_model_len=256)
+@pytest.mark.parametrize("arch,quantization", [("qwen3", "int8"), ("llama", "int8"), ("qwen3", "int4"), ("llama", "int4")])
+def test_quantized_planner_matches_engine_and_generates(tiny_models, arch, quantization):
+    llm = LLM(tiny_models[arch], quantization=quantization, max_model_len=256, kv_cache_memory=1 << 20)
+    plan = plan_for(tiny_models[arch], quantization=quantization, max_model_len=256)
     assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.driver.runner.weight_bytes
     bf16 = plan_for(tiny_models[arch], max_model_len=256)["devices"][0]["weight_bytes"]
     assert llm.engine.executor.driver.runner.weight_bytes < 0.6 * bf16
@@ -119,7 +120,9 @@ def test_int8_planner_matches_engine_and_generates(tiny_models, arch):
     prompt = {"prompt_token_ids": [5, 17, 300, 4000, 22, 9]}
     a = ref.engine.score(prompt["prompt_token_ids"])
     b = llm.engine.score(prompt["prompt_token_ids"])
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5
+    # a random tiny model's logits are nearly flat, so int4's top-1 flips easily: compare the logits themselves
+    # (top-1 agreement on real text is `pagedllm bench int8`'s)
+    assert torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min() > (0.99 if quantization == "int8" else 0.8)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
 

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.arg_utils import EngineArgs
@@ -54,3 +55,34 @@ def test_gguf_conversion_is_cached_by_content(tmp_path, monkeypatch):
         path.write_bytes(content)
     assert _cache_folder(str(a)) == _cache_folder(str(b))  # a reinstall or a copy reuses the conversion
     assert _cache_folder(str(a)) != _cache_folder(str(c))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_quantized_types_keep_their_values(qtype):
+    """Each GGUF type pagedllm runs quantized, as its grouped format, dequantizes to what gguf-py's reference
+    dequantizer gives: exactly for Q4_0 / Q4_1 / Q8_0 (bytes copied), within the fp16 rounding of the group scales
+    for the k-quants. Random blocks (with finite fp16 super-scales) cover every bit of the layouts."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from pagedllm.layers.quantization import dequantize
+    from pagedllm.model_loader.gguf_quants import to_grouped
+
+    t = GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[t]
+    rows, k = 6, 512
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (rows, k // block * size), dtype=np.uint8)
+    blocks = data.reshape(-1, size)
+    halves = {"Q6_K": [size - 2]}.get(qtype, [0] if qtype in ("Q4_0", "Q8_0") else [0, 2])
+    for at in halves:  # fp16 scales in a sane range (random bits would be inf / NaN)
+        blocks[:, at:at + 2] = np.frombuffer(rng.uniform(0.001, 0.1, len(blocks)).astype(np.float16).tobytes(),
+                                             np.uint8).reshape(-1, 2)
+    want = torch.from_numpy(np.asarray(gguf_dequantize(data, t), dtype=np.float32)).reshape(rows, k)
+    values, scale, offset, fmt = to_grouped(data, t, rows, k)
+    got = dequantize(values, scale, offset, torch.float32)
+    exact = qtype in ("Q4_0", "Q4_1", "Q8_0")
+    # k-quants: each value off by at most the fp16 rounding (2^-11, relative) of its group's scale and offset
+    torch.testing.assert_close(got, want, rtol=0, atol=0 if exact else 2 ** -10 * float(want.abs().max()))
+    assert (fmt.bits, values.dtype) in ((4, torch.uint8), (8, torch.int8))

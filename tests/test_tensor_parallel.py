@@ -54,6 +54,21 @@ def test_tp2_matches_tp1_and_hf(tiny_models, arch):
         llm.engine.shutdown()
 
 
+def test_int4_weights_shard_along_their_groups(tiny_models):
+    """int4 (groups of 32): each rank quantizes its own shard, whose groups are the whole model's (o_proj's 64 inputs
+    split into 32 per rank); the same tokens as one process, and each rank holds what the planner says."""
+    kwargs = dict(dtype="float32", quantization="int4", max_model_len=128)
+    one = _greedy(LLM(tiny_models["qwen3"], **kwargs))
+    llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, **kwargs)
+    try:
+        assert _greedy(llm) == one
+        plan = plan_for(tiny_models["qwen3"], tensor_parallel_size=2, **kwargs)
+        assert llm.engine.executor.weight_bytes() == [plan["devices"][0]["weight_bytes"]] * 2
+        assert_pool_empty(llm)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_tp2_under_preemption(tiny_models):
     check_greedy_against_hf(tiny_models["qwen3"], PROMPTS, MAX_TOKENS, expect_preemption=True, max_model_len=80,
                             tensor_parallel_size=2, num_gpu_blocks_override=10, block_size=8)

@@ -10,13 +10,14 @@ from pagedllm.entrypoints.cli_args import layer_counts
 from pagedllm.memory.planner import make_plan
 from pagedllm.memory.units import format_bytes, parse_bytes
 from pagedllm.model_loader.resolve import model_config_for
+from pagedllm.quant_config import RTN_SCHEMES
 
 
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory plan: weights, KV cache per token, what fits (loads no weights)")
     p.add_argument("model", nargs="?", default=None,
                    help="HF folder, .gguf file, qwen3-0.6b ... qwen3-32b, or nothing for the embedded model")
-    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, int8")
+    p.add_argument("--dtype", default="bf16", help="weight dtype: fp32, bf16, fp16, int8, int4")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (as the weights; bf16 under int8), fp32, bf16, fp16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--concurrency", type=int, default=8)
@@ -35,8 +36,9 @@ def plan_config(ns: argparse.Namespace):
     """The engine configuration the plan is for, built as the engine builds its own (nothing loaded or converted)."""
     if ns.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
-    int8 = ns.dtype.lower() == "int8"
-    args = EngineArgs(model=ns.model, dtype="bfloat16" if int8 else ns.dtype, quantization="int8" if int8 else None,
+    quantized = ns.dtype.lower() in RTN_SCHEMES
+    args = EngineArgs(model=ns.model, dtype="bfloat16" if quantized else ns.dtype,
+                      quantization=ns.dtype.lower() if quantized else None,
                       kv_cache_dtype=ns.kv_cache_dtype, max_model_len=ns.max_model_len, block_size=ns.block_size,
                       max_num_batched_tokens=ns.max_num_batched_tokens, gpu_memory_utilization=ns.gpu_memory_utilization,
                       tensor_parallel_size=ns.tensor_parallel_size, pipeline_parallel_size=ns.pipeline_parallel_size,
@@ -65,7 +67,9 @@ def render(plan: dict) -> str:
            if m["num_experts"] else ""),
         f"Parameters   {plan['parameters']:,}" + (f" in all, {plan['active_parameters']:,} active per token (routed experts)"
                                                    if plan["active_parameters"] != plan["parameters"] else ""),
-        "Weights      " + "   ".join(f"{k} {format_bytes(v)}" for k, v in w.items()) + "  (int8: + one bf16 scale per row)",
+        "Weights      " + "   ".join(f"{k} {format_bytes(v)}" for k, v in w.items()),
+        "             (int8: + an fp16 scale per row; int4: 4-bit groups of 32 with an fp16 scale and offset each,"
+        " the vocabulary tables in int8)",
         "",
         "KV cache per token",
         f"  exact (GQA)       {kv['bytes_per_token']:>12,} B  {format_bytes(kv['bytes_per_token']):>12}"

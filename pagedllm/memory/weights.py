@@ -104,7 +104,7 @@ def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> Quant
 
 def _bytes(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int, rows: int, cols: int) -> int:
     fmt = _format(cfg, dtype, spec, layer)
-    return fmt.nbytes(rows, cols) if fmt else rows * cols * FLOAT_BYTES.get(dtype, 2)
+    return fmt.nbytes(rows, cols) if fmt else rows * cols * FLOAT_BYTES.get(dtype, cfg.dtype.itemsize)
 
 
 def count_parameters(cfg: ModelConfig, active: bool = False) -> int:

@@ -143,10 +143,15 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
-// A quantized weight as a [N, K] matrix of dtype.
+// A quantized weight as a [N, K] matrix of dtype, in a buffer this thread reuses (valid until its next call): a
+// matmul on freshly allocated pages ran at half speed (measured: 880 us against 470 us at 64 x 1536 x 576, the
+// page faults and unmapping of a new buffer each call).
 at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
                       int64_t k, at::ScalarType dtype) {
-  auto out = at::empty({weight.size(0), k}, weight.options().dtype(dtype));
+  static thread_local at::Tensor scratch;
+  const int64_t nbytes = weight.size(0) * k * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!scratch.defined() || scratch.numel() < nbytes) scratch = at::empty({nbytes}, weight.options().dtype(at::kByte));
+  auto out = scratch.narrow(0, 0, nbytes).view(dtype).view({weight.size(0), k});
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
     if (weight.scalar_type() == at::kChar) {
       dequantize_rows<scalar_t, int8_t>(quant_weight<int8_t>(weight, scale, offset, k), out.data_ptr<scalar_t>(),

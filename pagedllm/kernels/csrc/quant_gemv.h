@@ -149,16 +149,16 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
     const uint8_t* row = reinterpret_cast<const uint8_t*>(w.values) + n * (k / 2);
     const at::Half* sr = w.scale + n * groups;
     const at::Half* orow = w.offset != nullptr ? w.offset + n * groups : nullptr;
-    // per group, (offset - 128 scale) . sum(x): the offsets and the 128s of the lookup-free conversion
-    __m512 acc[M], fix[M];
-    for (int64_t m = 0; m < M; ++m) acc[m] = fix[m] = _mm512_setzero_ps();
+    // starts from (offset - 128 scale) . sum(x) per group: the offsets and the 128s of the lookup-free conversion
+    __m512 acc[M];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g += 16) {
       const __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
       const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g));
       const __m512 o = orow != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, orow + g)) : _mm512_setzero_ps();
       _mm512_storeu_ps(sf.data() + g, s);
       const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(-128.f), s, o);
-      for (int64_t m = 0; m < M; ++m) fix[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), fix[m]);
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), acc[m]);
     }
     for (int64_t i = 0; i < k; i += kInt4Chunk) {
       const int64_t blocks = std::min<int64_t>(4, (k - i) / 32);
@@ -187,7 +187,7 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
       }
     }
     for (int64_t m = 0; m < M; ++m) {
-      float r = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], fix[m]));
+      float r = _mm512_reduce_add_ps(acc[m]);
       if (bias != nullptr) r += static_cast<float>(bias[n]);
       y[m * n_out + n] = static_cast<at::BFloat16>(r);
     }
@@ -219,9 +219,57 @@ void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_
   });
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Rows as bf16, 32 values per step (a 4-bit block's two nibbles, or 32 int8 values) as fp32 times the scale plus
+// the offset, back to bf16 (vcvtne2ps2bf16 rounds to nearest even, as at::BFloat16 does); a group's last
+// values short of 32 one by one.
+template <typename W>
+PAGEDLLM_BF16_DOT void dequantize_rows_bf16(const QuantWeight<W>& w, at::BFloat16* out, int64_t begin, int64_t end,
+                                            float* sf, float* of) {
+  const int64_t k = w.k, groups = w.groups, g_size = k / groups;
+  const __m512i nibble = _mm512_set1_epi32(0x0F);
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.values) + n * w.row_stride();
+    halves_to_float(w.scale + n * groups, sf, groups);
+    if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of, groups);
+    at::BFloat16* o_row = out + n * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sg = sf[g], og = w.offset != nullptr ? of[g] : 0.f;
+      const __m512 s = _mm512_set1_ps(sg), o = _mm512_set1_ps(og);
+      int64_t i = g * g_size;
+      const int64_t e = i + g_size;
+      for (; i + 32 <= e; i += 32) {
+        __m512 lo, hi;
+        if constexpr (std::is_same_v<W, Int4>) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2)));
+          lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, nibble));
+          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        } else {
+          lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
+          hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16))));
+        }
+        _mm512_storeu_si512(o_row + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, o), _mm512_fmadd_ps(lo, s, o)));
+      }
+      for (; i < e; ++i) o_row[i] = static_cast<at::BFloat16>(static_cast<float>(row[i]) * sg + og);  // int8 only
+    }
+  }
+}
+#endif
+
 // W as values of dtype T ([N, K], for the matrix products of large batches).
 template <typename T, typename W>
 void dequantize_rows(const QuantWeight<W>& w, T* out, int64_t n_out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (cpu_has_bf16_dot()) {
+      at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> sf(w.groups), of(w.groups);
+        dequantize_rows_bf16<W>(w, out, begin, end, sf.data(), of.data());
+      });
+      return;
+    }
+  }
+#endif
   const int64_t k = w.k, groups = w.groups, g_size = k / groups;
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sf(groups), of(groups, 0.f);
