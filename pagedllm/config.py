@@ -9,11 +9,14 @@ module may use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
 
 import torch
+
+from pagedllm.quant_config import QuantFormat
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # computed as HF transformers computes them; "freq_factors" is llama.cpp's way to store Llama 3's (from GGUF files)
@@ -119,6 +122,12 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    @functools.cached_property
+    def quant_formats(self) -> dict[str, QuantFormat]:
+        """A quantized checkpoint's format per layer, by its checkpoint module name (empty for float checkpoints)."""
+        formats = json.loads(self.quantization_config)["formats"] if self.quantization_config else {}
+        return {name: QuantFormat(**fmt) for name, fmt in formats.items()}
 
     @property
     def max_context(self) -> int:

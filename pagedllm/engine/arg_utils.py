@@ -22,7 +22,7 @@ from pagedllm.config import (
 )
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
-from pagedllm.quant_config import QUANTIZATION_METHODS
+from pagedllm.quant_config import QUANTIZATION_METHODS, RTN_SCHEMES
 
 logger = logging.getLogger("pagedllm")
 
@@ -134,7 +134,7 @@ class EngineArgs:
             model_path = self.model or ""
         dtype = model_config.dtype if self.dtype == "auto" else parse_dtype(self.dtype)
         quantization = self._quantization(model_config)
-        if quantization in ("int8", "int4") and self.dtype == "auto":
+        if quantization in RTN_SCHEMES and self.dtype == "auto":
             dtype = torch.bfloat16  # quantized weights, bf16 activations and KV cache
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   tuple(self.pipeline_partition) if self.pipeline_partition else None,

@@ -9,7 +9,6 @@ norm and LM head (a tied LM head then needs its own copy of the embedding on the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
@@ -96,8 +95,7 @@ def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> Quant
         return None
     if dtype == "gguf":
         module = _MODULES[spec.name] if spec.stage != "layer" else f"model.layers.{layer}.{_MODULES[spec.name]}"
-        fmt = json.loads(cfg.quantization_config)["formats"].get(module)
-        return QuantFormat(**fmt) if fmt else None
+        return cfg.quant_formats.get(module)
     linear, table = RTN_SCHEMES[dtype]
     return table if spec.split == "vocab" else linear
 

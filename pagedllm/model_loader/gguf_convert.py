@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from pagedllm.layers.quantization import dequantize
 from pagedllm.model_loader.gguf_quants import Grouped, common_format, to_grouped
+from pagedllm.models.decoder import DecoderForCausalLM
 
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -106,7 +107,6 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # loaded into one layer: one format
 
 
 def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
@@ -128,8 +128,12 @@ def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
 
 
 def _fuse_formats(tensors: dict[str, torch.Tensor | Grouped]) -> None:
-    """The parts of a fused layer in one format, or all dequantized if any part is a float tensor."""
-    for parts in _FUSED:
+    """The parts of a fused layer (the model's packed_modules: q / k / v, gate / up) in one format, or all
+    dequantized if any part is a float tensor."""
+    fused_layers: dict[str, list[str]] = {}
+    for part, (fused, _) in DecoderForCausalLM.packed_modules.items():
+        fused_layers.setdefault(fused, []).append(part)
+    for parts in fused_layers.values():
         for name in [n for n in tensors if f".{parts[0]}." in n]:
             names = [name.replace(parts[0], p) for p in parts]
             group = [tensors[n] for n in names if n in tensors]

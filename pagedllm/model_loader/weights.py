@@ -14,7 +14,7 @@ from torch import nn
 from pagedllm.config import EngineConfig
 from pagedllm.layers import quantization as quant
 from pagedllm.models.decoder import DecoderForCausalLM, Stage
-from pagedllm.quant_config import RTN_SCHEMES, QuantFormat
+from pagedllm.quant_config import RTN_SCHEMES
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -108,8 +108,7 @@ def build_model(config: EngineConfig, device: torch.device, stage: Stage | None 
         torch.set_default_dtype(default_dtype)
     quantization = config.load.quantization
     if quantization == "gguf":
-        formats = json.loads(config.model.quantization_config)["formats"]
-        model.make_quantized_({name: QuantFormat(**f) for name, f in formats.items()})
+        model.make_quantized_(config.model.quant_formats)
     if config.load.load_format == "dummy":
         init_dummy_weights(model, config.load.seed)
     else:
