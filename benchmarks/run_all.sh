@@ -16,7 +16,7 @@ $B bench latency --max-model-len 1024 --quantization int8 --output-json $R/laten
 $B bench latency --max-model-len 1024 --output-json $R/latency_gguf_q4_1.json
 # single request at a long context (attention's share grows; few decodes split their keys over the threads)
 $B bench latency --max-model-len 4096 --dtype bfloat16 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
-$B bench int8 --output-json $R/int8_quality.json
+$B bench quantization --output-json $R/quantization_quality.json
 # the brief's model family: one request on Qwen3-0.6B shapes with random weights (no checkpoint needed)
 $B bench latency --model qwen3-0.6b --load-format dummy --max-model-len 1024 --compare hf --output-json $R/latency_qwen3_0.6b_dummy.json
 # prefix caching: 32 requests sharing a 1,000-token system prompt

@@ -1,9 +1,8 @@
 """The engine's one resolved configuration (vLLM's VllmConfig idea), built once from EngineArgs and frozen.
 
-EngineConfig holds a part per concern: the model's facts, the KV cache, the scheduler, the parallel
-layout, what to load and the device. Every layer of the engine, the workers (it travels to them
-whole) and the memory planner read this one object. It imports nothing else of pagedllm, so any
-module may use it.
+EngineConfig holds a part per concern: the model's facts, the KV cache, the scheduler, the parallel layout, what
+to load, the device and speculative decoding. Every layer of the engine, the workers (it travels to them whole) and
+the memory planner read this one object. It imports only other neutral modules, so any module may use it.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.quant_config import QuantFormat
+from pagedllm.quant_config import QuantFormat, check_checkpoint_quant, checkpoint_formats
+from pagedllm.spec_config import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # computed as HF transformers computes them; "freq_factors" is llama.cpp's way to store Llama 3's (from GGUF files)
@@ -110,7 +110,7 @@ class ModelConfig:
     sampling_defaults: tuple[tuple[str, float | int], ...] = ()
     max_logprobs: int = 20  # the most top-k logprobs (of outputs or prompts) a request may ask for
     rope_type: str = "default"
-    quantization_config: str = ""  # a quantized checkpoint's quantization_config as JSON (quant_method "gguf")
+    quantization_config: str = ""  # a quantized checkpoint's quantization_config as JSON (CHECKPOINT_METHODS)
     rope_scaling: str = ""  # the checkpoint's rope_scaling / rope_parameters as JSON, for transformers' RoPE functions
     # mixture of experts (Qwen3-MoE): routed experts in place of the MLP; 0 experts: a dense model
     num_experts: int = 0
@@ -126,8 +126,13 @@ class ModelConfig:
     @functools.cached_property
     def quant_formats(self) -> dict[str, QuantFormat]:
         """A quantized checkpoint's format per layer, by its checkpoint module name (empty for float checkpoints)."""
-        formats = json.loads(self.quantization_config)["formats"] if self.quantization_config else {}
-        return {name: QuantFormat(**fmt) for name, fmt in formats.items()}
+        quant = json.loads(self.quantization_config) if self.quantization_config else {}
+        return checkpoint_formats(quant, self.num_layers, self.tie_word_embeddings, self.num_experts > 0)
+
+    @property
+    def quant_method(self) -> str | None:
+        """How the checkpoint's weights are quantized (quant_config.CHECKPOINT_METHODS), None for float weights."""
+        return json.loads(self.quantization_config)["quant_method"] if self.quantization_config else None
 
     @property
     def max_context(self) -> int:
@@ -149,11 +154,8 @@ class ModelConfig:
                 f"unsupported architecture {model_type!r}; pagedllm supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         quant = cfg.get("quantization_config") or {}
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        if quant and method != "gguf":  # cast without its scales, such weights would load wrong: refuse them
-            raise ValueError(f"this checkpoint's weights are quantized with {method!r}, which pagedllm cannot run yet; "
-                             "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8 or "
-                             "int4) and GGUF files")
+        if quant:  # refused unless pagedllm reads its format: cast without their scales, weights would load wrong
+            check_checkpoint_quant(quant, moe=bool(cfg.get("num_experts") or cfg.get("num_local_experts")))
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
@@ -283,6 +285,7 @@ class EngineConfig:
     parallel: ParallelConfig
     load: LoadConfig
     device: torch.device
+    speculative: SpeculativeConfig | None = None
 
     @property
     def dtype(self) -> torch.dtype:

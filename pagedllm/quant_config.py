@@ -33,9 +33,65 @@ class QuantFormat:
 
 
 # weight-only quantization: per-row int8, int4 in groups of 32 (round-to-nearest from a float checkpoint), or a
-# GGUF file's own formats (the default for GGUF files)
-QUANTIZATION_METHODS = (None, "int8", "int4", "gguf")
+# quantized checkpoint's own formats (the default for those checkpoints): GGUF files, AWQ and GPTQ
+CHECKPOINT_METHODS = ("gguf", "awq", "gptq")
+QUANTIZATION_METHODS = (None, "int8", "int4", *CHECKPOINT_METHODS)
 INT8_PER_ROW = QuantFormat(bits=8)
 # the round-to-nearest schemes as (linear layers, embedding / LM head); int4 has the layout and accuracy of
 # llama.cpp's Q4_1, and keeps the vocabulary tables in int8 as llama.cpp's 4-bit files keep them in 6 or 8 bits
 RTN_SCHEMES = {"int8": (INT8_PER_ROW, INT8_PER_ROW), "int4": (QuantFormat(4, 32, True), INT8_PER_ROW)}
+
+# the linear layers AWQ and GPTQ quantize in each decoder layer (their checkpoint module names)
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def awq_gptq_format(quant: dict, moe: bool) -> QuantFormat:
+    """The grouped format an AWQ or GPTQ checkpoint's layers load into (model_loader/awq_gptq.py): its integer values
+    and fp16 scales as they are, zero points as offsets; groups over the whole row become groups of 32 (4-bit
+    groups are 32 times a power of two). Raises for the variants pagedllm cannot run."""
+    method = quant["quant_method"]
+    bits = quant.get("bits", quant.get("w_bit"))
+    group = quant.get("group_size", quant.get("q_group_size", -1))
+    refuse = None
+    if moe:
+        refuse = "mixture-of-experts models (their experts are not quantized in pagedllm yet)"
+    elif method == "awq" and (bits != 4 or str(quant.get("version", "gemm")).lower() != "gemm"
+                              or not quant.get("zero_point", True)):
+        refuse = f"AWQ other than 4-bit GEMM layout with zero points (bits {bits}, version {quant.get('version')})"
+    elif method == "gptq" and bits not in (4, 8):
+        refuse = f"{bits}-bit GPTQ (4 and 8 bits run)"
+    elif method == "gptq" and quant.get("desc_act"):
+        refuse = "GPTQ with desc_act (act-order: groups out of input order)"
+    elif method == "gptq" and quant.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+        refuse = f"GPTQ checkpoint_format {quant.get('checkpoint_format')!r}"
+    if refuse:
+        raise ValueError(f"pagedllm cannot run {refuse} yet")
+    if group in (None, -1, 0):
+        return QuantFormat(bits, INT4_BLOCK if bits == 4 else None, offset=True)
+    return QuantFormat(bits, int(group), offset=True)
+
+
+def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe: bool) -> dict[str, QuantFormat]:
+    """A quantized checkpoint's format per layer, by checkpoint module name, from its quantization_config (GGUF
+    conversions list theirs; AWQ / GPTQ quantize every layer's linear layers alike, and their LM head if lm_head)."""
+    if not quant:
+        return {}
+    if quant["quant_method"] == "gguf":
+        return {name: QuantFormat(**fmt) for name, fmt in quant["formats"].items()}
+    fmt = awq_gptq_format(quant, moe)
+    skip = quant.get("modules_to_not_convert") or []
+    names = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in LAYER_LINEARS]
+    names += ["lm_head"] if quant.get("lm_head") and not tied else []
+    return {name: fmt for name in names if not any(s in name for s in skip)}
+
+
+def check_checkpoint_quant(quant: dict, moe: bool) -> None:
+    """Raise unless pagedllm runs this quantization_config."""
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(f"this checkpoint's weights are quantized with {method!r}, which pagedllm cannot run yet; "
+                         "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8 or "
+                         "int4), GGUF files, and AWQ / GPTQ checkpoints")
+    if method != "gguf":
+        awq_gptq_format(quant, moe)

@@ -20,13 +20,15 @@ class StepInputs:
     lens: torch.Tensor  # [B] tokens each sequence computes now
     tables: torch.Tensor  # [B, W] block tables, padded with block 0
     copies: torch.Tensor  # [C, 2] (src, dst) block copies to make first (copy-on-write)
-    sample_rows: torch.Tensor  # [S] batch rows whose last token is sampled (a row repeats for n samples)
+    # [S] positions in token_ids whose next token is sampled: a row's last token (repeated for n samples), or each
+    # of a speculating row's last k + 1 tokens (its last verified token and its k proposals)
+    sample_positions: torch.Tensor
     # [P, 3] rows whose prompt tokens' logprobs are wanted: (batch row, top k, the prompt token after the chunk or -1)
     prompt_logprobs: torch.Tensor
 
     @classmethod
     def build(cls, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
-              copies: list[tuple[int, int]] = (), sample_rows: list[int] = (),
+              copies: list[tuple[int, int]] = (), sample_positions: list[int] = (),
               prompt_logprobs: list[tuple[int, int, int]] = ()) -> StepInputs:
         """One row per sequence: the token ids it computes now, how many it had computed, its block table. Rows hold
         decodes (one new token) first, by context length, then prompt chunks by length (see forward_context.py)."""
@@ -37,15 +39,15 @@ class StepInputs:
             lens=torch.tensor([len(c) for c in chunks], dtype=torch.long),
             tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
             copies=torch.tensor(list(copies), dtype=torch.long).view(-1, 2),
-            sample_rows=torch.tensor(list(sample_rows), dtype=torch.long),
+            sample_positions=torch.tensor(list(sample_positions), dtype=torch.long),
             prompt_logprobs=torch.tensor(list(prompt_logprobs), dtype=torch.long).view(-1, 3),
         )
 
     def pack(self) -> torch.Tensor:
         header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
-                               len(self.sample_rows), len(self.prompt_logprobs)])
+                               len(self.sample_positions), len(self.prompt_logprobs)])
         return torch.cat([header, self.token_ids, self.starts, self.lens, self.tables.reshape(-1), self.copies.reshape(-1),
-                          self.sample_rows, self.prompt_logprobs.reshape(-1)])
+                          self.sample_positions, self.prompt_logprobs.reshape(-1)])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor) -> StepInputs:
@@ -75,6 +77,9 @@ class SamplingMetadata:
     guided: tuple[torch.Tensor, torch.Tensor] | None  # (rows, [rows, vocab] allowed by their structured output)
     generators: dict[int, torch.Generator]  # seeded rows' own noise sources
     num_logprobs: int  # max top-k logprobs any row wants; -1 for none
+    # speculative decoding: (the proposal each row verifies, -1 on a sequence's last row; each row's sequence's
+    # first row), or None when no row speculates
+    spec: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

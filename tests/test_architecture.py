@@ -20,7 +20,7 @@ FLOORS = [
     ("distributed",),
     ("kernels",),
     # neutral: data types and facts shared along the whole line; they import nothing above them
-    ("config", "quant_config", "step", "forward_context", "sampling_params", "outputs", "platform", "memory"),
+    ("config", "quant_config", "spec_config", "step", "forward_context", "sampling_params", "outputs", "platform", "memory"),
 ]
 FLOOR = {package: i for i, packages in enumerate(FLOORS) for package in packages}
 MAX_LINES = 300

@@ -121,7 +121,7 @@ def test_quantized_planner_matches_engine_and_generates(tiny_models, arch, quant
     a = ref.engine.score(prompt["prompt_token_ids"])
     b = llm.engine.score(prompt["prompt_token_ids"])
     # a random tiny model's logits are nearly flat, so int4's top-1 flips easily: compare the logits themselves
-    # (top-1 agreement on real text is `pagedllm bench int8`'s)
+    # (top-1 agreement on real text is `pagedllm bench quantization`'s)
     assert torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min() > (0.99 if quantization == "int8" else 0.8)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5

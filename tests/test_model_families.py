@@ -80,7 +80,7 @@ def _copy(src: str, dst, edit=None) -> str:
     return dst
 
 
-@pytest.mark.parametrize("method", ["fp8", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["fp8", "bitsandbytes", "compressed-tensors"])  # AWQ / GPTQ: test_awq_gptq.py
 def test_quantized_checkpoints_are_refused_not_loaded_wrong(tiny_models, tmp_path, method):
     folder = _copy(tiny_models["qwen3"], tmp_path / method,
                    lambda c: c.update(quantization_config={"quant_method": method, "weight_block_size": [128, 128]}))

@@ -91,7 +91,7 @@ def test_pipeline_share_splits_ready_sequences_and_skips_those_in_flight():
 
 def test_input_builder_positions_slots_and_native_batch():
     # one decode (context 6 -> 7) and one prompt chunk of 3 after 4 cached tokens; block size 4
-    step = StepInputs.build([[9], [5, 6, 7]], [6, 4], [[3, 1], [0, 2]], sample_rows=[0, 1])
+    step = StepInputs.build([[9], [5, 6, 7]], [6, 4], [[3, 1], [0, 2]], sample_positions=[0, 3])
     ids, positions, meta = InputBuilder(4, kv_heads=2, num_blocks=8, device=torch.device("cpu"), native=True).build(step)
     assert ids.tolist() == [9, 5, 6, 7]
     assert positions.tolist() == [6, 4, 5, 6]
@@ -102,7 +102,7 @@ def test_input_builder_positions_slots_and_native_batch():
 
 def test_input_builder_torch_buckets():
     # a decode (context 7), a fresh 2-token prompt and a 3-token chunk after 4 cached tokens; block size 4
-    step = StepInputs.build([[9], [1, 2], [5, 6, 7]], [6, 0, 4], [[3, 1], [5], [0, 2]], sample_rows=[0, 1, 2])
+    step = StepInputs.build([[9], [1, 2], [5, 6, 7]], [6, 0, 4], [[3, 1], [5], [0, 2]], sample_positions=[0, 2, 5])
     builder = InputBuilder(4, kv_heads=2, num_blocks=8, device=torch.device("cpu"), native=False)
     _, _, meta = builder.build(step)
     (decode,) = meta.decode
@@ -120,7 +120,7 @@ def test_input_builder_torch_buckets():
 
 
 def test_step_inputs_travel_as_one_tensor():
-    step = StepInputs.build([[9], [5, 6, 7]], [6, 4], [[3, 1], [0]], copies=[(1, 2)], sample_rows=[0, 1, 1])
+    step = StepInputs.build([[9], [5, 6, 7]], [6, 4], [[3, 1], [0]], copies=[(1, 2)], sample_positions=[0, 3, 3])
     back = StepInputs.unpack(step.pack())
-    for name in ("token_ids", "starts", "lens", "tables", "copies", "sample_rows"):
+    for name in ("token_ids", "starts", "lens", "tables", "copies", "sample_positions"):
         assert torch.equal(getattr(back, name), getattr(step, name))

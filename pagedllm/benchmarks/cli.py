@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pagedllm.benchmarks.datasets import add_dataset_args
 from pagedllm.benchmarks.offline import cmd_interference, cmd_latency, cmd_throughput
-from pagedllm.benchmarks.quality import cmd_int8
+from pagedllm.benchmarks.quality import cmd_quantization
 from pagedllm.benchmarks.serving import add_serve_bench_args, cmd_serve_bench
 from pagedllm.benchmarks.workloads import add_workload_args
 from pagedllm.entrypoints.cli_args import add_engine_args
+from pagedllm.quant_config import QUANTIZATION_METHODS
 
 
 def add_bench_parser(sub) -> None:
@@ -26,6 +27,9 @@ def add_bench_parser(sub) -> None:
     add_workload_args(lat, num_prompts=1)
     lat.set_defaults(input_len=[128, 128])
     lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--chat", default=None, metavar="TEXT",
+                     help="a user message instead of random tokens, answered until the model ends it (at most the "
+                          "output length): for speculative decoding on text it can quote")
     lat.add_argument("--compare", choices=["hf"], default=None)
     lat.add_argument("--output-json", default=None)
     lat.set_defaults(func=cmd_latency)
@@ -45,7 +49,10 @@ def add_bench_parser(sub) -> None:
     i.add_argument("--output-json", default=None)
     i.set_defaults(func=cmd_interference)
 
-    q = bench.add_parser("int8", help="int8 weight-only vs bf16: top-1 agreement and logit differences")
+    q = bench.add_parser("quantization", aliases=["int8"], help="weight-only quantization vs bf16 weights: top-1 "
+                         "agreement, logit differences, perplexity and bytes on fixed text")
     q.add_argument("--model", default=None)
+    q.add_argument("--methods", nargs="+", choices=[m for m in QUANTIZATION_METHODS if m], default=None,
+                   help="default: int8, int4 and a quantized checkpoint's own method")
     q.add_argument("--output-json", default=None)
-    q.set_defaults(func=cmd_int8)
+    q.set_defaults(func=cmd_quantization)

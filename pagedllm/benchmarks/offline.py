@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 from pagedllm.benchmarks import hf_baseline, roofline
 from pagedllm.benchmarks.workloads import Workload, make_workload
 from pagedllm.config import dtype_name
+from pagedllm.engine.spec_decode import SpecDecodeStats
 from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.executor.multiproc import bubble_report
@@ -74,6 +76,7 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
         bubbles = ", ".join(f"{100 * b:.0f} %" for b in result["pipeline"]["bubble_fraction"])
         print(f"  pipeline: {len(times[0])} micro-batches; idle (bubble) per stage {bubbles}; "
               f"ideal for a full pipeline {100 * result['pipeline']['ideal_bubble_fraction']:.1f} %")
+    _speculation(engine, result)
     cfg, folder = engine.config.model, engine.config.load.model_path
     engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
     del llm, engine
@@ -98,7 +101,27 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
             hf["speedup_vs_" + key.removesuffix("_s")] = result["output_tok_s"] / hf[key.replace("_s", "_output_tok_s")]
         result["hf"] = hf
     _print_throughput(result)
+    _print_speculation(result)
     _write(ns, result)
+
+
+def _speculation(engine, result: dict) -> None:
+    """Speculative decoding's counters over the whole run (warm-up included), summed over replicas."""
+    if engine.config.speculative is None:
+        return
+    stats = [s for _, s in engine.stats()]
+    spec = SpecDecodeStats(sum(s.spec_decode_num_drafts for s in stats), sum(s.spec_decode_num_draft_tokens for s in stats),
+                           sum(s.spec_decode_num_accepted_tokens for s in stats))
+    result["speculative"] = {**dataclasses.asdict(spec), "acceptance_rate": spec.acceptance_rate,
+                             "mean_accepted_length": spec.mean_accepted_length}
+
+
+def _print_speculation(result: dict) -> None:
+    if "speculative" in result:
+        spec = result["speculative"]
+        print(f"  speculative decoding: {spec['num_drafts']} verifying steps, {spec['num_draft_tokens']} proposed "
+              f"tokens, {100 * spec['acceptance_rate']:.0f} % accepted, {spec['mean_accepted_length']:.2f} tokens per "
+              "verifying step")
 
 
 def _median(values: list[float]) -> float:
@@ -143,39 +166,46 @@ def cmd_latency(ns: argparse.Namespace) -> None:
     engine = llm.engine
     w = make_workload(ns, engine.config.model.vocab_size)
     prompt, n = w.prompts[0], w.output_lens[0]
+    if ns.chat:  # a real conversation, answered until the model ends it (at most n tokens)
+        prompt = engine.processor.chat_prompt([{"role": "user", "content": ns.chat}])["prompt_token_ids"]
     if n < 2:
         raise ValueError("--output-len must be at least 2 to measure time per output token")
     _warm_up(llm, w)
-    ttfts, tpots, bandwidths = [], [], []
+    ttfts, tpots, bandwidths, generated = [], [], [], []
     for _ in range(ns.num_iters):
         llm.reset_prefix_cache()  # each iteration prefills the whole prompt
-        rid = engine.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=not ns.chat)
+        rid = engine.add_request({"prompt_token_ids": prompt}, params)
         start, first, done = time.perf_counter(), None, None
         while done is None:
             for out in engine.step():
                 if out.request_id == rid:
                     first = first or time.perf_counter()
                     done = time.perf_counter() if out.finished else None
+                    count = len(out.outputs[0].token_ids)
         ttfts.append(first - start)
-        tpots.append((done - first) / (n - 1))
+        tpots.append((done - first) / max(1, count - 1))
+        generated.append(count)
         # the machine's bandwidth right after each decode: a shared VM's moves by up to 2x within minutes
         bandwidths.append(roofline.read_bandwidth(engine.config.device))
     weight_bytes = engine.executor.weight_bytes()[0]
     tpot, bandwidth = _median(tpots), _median(bandwidths)
     result = {
         "benchmark": "latency", "model": engine.config.model.name, "dtype": dtype_name(engine.config.dtype),
-        "prompt_tokens": len(prompt), "output_tokens": n, "iterations": ns.num_iters,
+        "prompt_tokens": len(prompt), "output_tokens": _median(generated), "iterations": ns.num_iters,
         "ttft_s": _median(ttfts), "tpot_s": tpot, "decode_tok_s": 1 / tpot,
         "weight_bytes": weight_bytes, "read_bandwidth": bandwidth, "bandwidth_limit_tok_s": bandwidth / weight_bytes,
         # each decode against the bandwidth measured beside it
         "bandwidth_fraction": _median([weight_bytes / t / b for t, b in zip(tpots, bandwidths)]),
     }
-    print(f"\n{result['model']} ({result['dtype']}), one request of {len(prompt)} prompt tokens, {n} output tokens "
-          f"(median of {ns.num_iters}):")
+    print(f"\n{result['model']} ({result['dtype']}), one request of {len(prompt)} prompt tokens, "
+          f"{result['output_tokens']} output tokens (median of {ns.num_iters}):")
     print(f"  time to first token {1000 * result['ttft_s']:.1f} ms | time per output token {1000 * tpot:.2f} ms "
           f"({result['decode_tok_s']:.1f} tok/s)")
     print(f"  weights {weight_bytes / 1e6:.0f} MB per token at {bandwidth / 1e9:.1f} GB/s (median, measured after each "
           f"decode) -> limit {result['bandwidth_limit_tok_s']:.1f} tok/s; we reach {100 * result['bandwidth_fraction']:.0f} %")
+    _speculation(engine, result)
+    _print_speculation(result)
     if ns.compare == "hf":
         folder = engine.config.load.model_path
         del llm, engine
@@ -219,8 +249,6 @@ def _ttft_behind_long_prompt(args, long_prompt: list[int], short_prompt: list[in
 
 
 def cmd_interference(ns: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
     gen = torch.Generator().manual_seed(ns.workload_seed)

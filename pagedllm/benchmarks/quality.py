@@ -1,4 +1,6 @@
-"""`pagedllm bench int8`: what int8 weight-only quantization costs in accuracy, against bf16 on the same text."""
+"""`pagedllm bench quantization`: what each weight-only quantization costs in accuracy against bf16 weights of the
+same model, on fixed English text (and a little code): top-1 agreement of the next-token predictions, logit
+differences and perplexity, beside the weight bytes each format takes."""
 
 from __future__ import annotations
 
@@ -9,42 +11,67 @@ import torch
 
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.model_loader.resolve import model_config_for
 
 TEXTS = [
     "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafés.",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "Photosynthesis is the process by which green plants use sunlight to synthesize foods from carbon dioxide and water.",
     "In 1969, Apollo 11 landed on the Moon. Neil Armstrong and Buzz Aldrin walked on its surface while Michael Collins orbited.",
+    "A library is more than a room full of books. For many towns it is the one warm place where anyone may sit for "
+    "an afternoon without buying anything, read the news, use a computer, or ask a question and get a patient answer. "
+    "Librarians help children learn to read, help job seekers write their first letters, and keep records of local "
+    "history that would otherwise be lost. When budgets are cut, these quiet services are often the first to go, "
+    "although they cost little compared with what they return to the community.",
+    "To make bread, mix flour, water, salt and a little yeast into a soft dough. Knead it for ten minutes until it is "
+    "smooth, then leave it covered in a warm place until it has doubled in size. Shape the loaf, let it rise again, "
+    "and bake it in a hot oven for about forty minutes, until the crust is brown and the bottom sounds hollow.",
 ]
 
 
-def compare_int8(model: str | None, max_model_len: int = 512) -> dict:
-    logits = {}
-    for quant in (None, "int8"):
-        engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype="bfloat16", quantization=quant,
-                                                       max_model_len=max_model_len, kv_cache_memory=64 << 20))
+def _measure(model: str | None, quantization: str | None, max_model_len: int) -> dict:
+    engine = LLMEngine.from_engine_args(EngineArgs(model=model, dtype="bfloat16", quantization=quantization,
+                                                   max_model_len=max_model_len, kv_cache_memory=64 << 20))
+    try:
         ids = [engine.tokenizer.encode(t) for t in TEXTS]
-        logits[quant] = [engine.score(x) for x in ids]
-        weights = engine.executor.weight_bytes()[0]
-        logits[f"{quant}_bytes"] = weights
+        logits = [engine.score(x).float() for x in ids]
+        nll = torch.cat([-torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(x[1:])[:, None]).squeeze(-1)
+                         for lg, x in zip(logits, ids)])
+        return {"logits": torch.cat(logits), "perplexity": nll.mean().exp().item(),
+                "weight_bytes": engine.executor.weight_bytes()[0]}
+    finally:
         engine.shutdown()
-    ref, q = torch.cat(logits[None]), torch.cat(logits["int8"])
-    return {
-        "positions": ref.shape[0],
-        "top1_agreement": (ref.argmax(-1) == q.argmax(-1)).float().mean().item(),
-        "max_logit_diff": (ref - q).abs().max().item(),
-        "mean_logit_diff": (ref - q).abs().mean().item(),
-        "bf16_weight_bytes": logits["None_bytes"],
-        "int8_weight_bytes": logits["int8_bytes"],
-    }
 
 
-def cmd_int8(ns: argparse.Namespace) -> None:
-    r = compare_int8(ns.model)
-    print(f"int8 vs bf16 over {r['positions']} positions of real text: top-1 agreement {100 * r['top1_agreement']:.1f} %, "
-          f"max |logit diff| {r['max_logit_diff']:.3f} (mean {r['mean_logit_diff']:.4f}); weights "
-          f"{r['int8_weight_bytes'] / 1e6:.1f} MB vs {r['bf16_weight_bytes'] / 1e6:.1f} MB "
-          f"({r['int8_weight_bytes'] / r['bf16_weight_bytes']:.3f}x)")
+def compare(model: str | None, methods: list[str], max_model_len: int = 512) -> dict:
+    """Each method's top-1 agreement with bf16 weights, logit differences, perplexity and weight bytes."""
+    ref = _measure(model, None, max_model_len)
+    report = {"positions": ref["logits"].shape[0], "texts": len(TEXTS),
+              "bf16": {"perplexity": ref["perplexity"], "weight_bytes": ref["weight_bytes"]}}
+    for method in methods:
+        r = _measure(model, method, max_model_len)
+        diff = (ref["logits"] - r["logits"]).abs()
+        report[method] = {
+            "top1_agreement": (ref["logits"].argmax(-1) == r["logits"].argmax(-1)).float().mean().item(),
+            "max_logit_diff": diff.max().item(), "mean_logit_diff": diff.mean().item(),
+            "perplexity": r["perplexity"], "weight_bytes": r["weight_bytes"],
+        }
+    return report
+
+
+def cmd_quantization(ns: argparse.Namespace) -> None:
+    own = model_config_for(ns.model).quant_method  # a quantized checkpoint's own format is measured too
+    methods = ns.methods or ["int8", "int4", *([own] if own else [])]
+    r = compare(ns.model, methods)
+    bf16 = r["bf16"]
+    print(f"against bf16 weights over {r['positions']} positions of {r['texts']} fixed texts "
+          f"(bf16: perplexity {bf16['perplexity']:.3f}, weights {bf16['weight_bytes'] / 1e6:.1f} MB)")
+    for m in methods:
+        q = r[m]
+        print(f"  {m:>5}: top-1 agreement {100 * q['top1_agreement']:.1f} %, perplexity {q['perplexity']:.3f} "
+              f"({100 * (q['perplexity'] / bf16['perplexity'] - 1):+.1f} %), max |logit diff| {q['max_logit_diff']:.3f} "
+              f"(mean {q['mean_logit_diff']:.4f}), weights {q['weight_bytes'] / 1e6:.1f} MB "
+              f"({q['weight_bytes'] / bf16['weight_bytes']:.3f}x)")
     if ns.output_json:
         with open(ns.output_json, "w") as f:
             json.dump(r, f, indent=2)

@@ -22,7 +22,8 @@ from pagedllm.config import (
 )
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
-from pagedllm.quant_config import QUANTIZATION_METHODS, RTN_SCHEMES
+from pagedllm.quant_config import CHECKPOINT_METHODS, QUANTIZATION_METHODS, RTN_SCHEMES
+from pagedllm.spec_config import SpeculativeConfig
 
 logger = logging.getLogger("pagedllm")
 
@@ -90,6 +91,7 @@ class EngineArgs:
     generation_config: str = "auto"  # "auto": the checkpoint's generation_config.json; "vllm": none; or a folder
     override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the above
     max_logprobs: int = 20
+    speculative_config: dict | str | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": 3, ...}
 
     @classmethod
     def names(cls) -> set[str]:
@@ -121,6 +123,7 @@ class EngineArgs:
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
+        SpeculativeConfig.parse(self.speculative_config)
 
     def create_engine_config(self, model_config: ModelConfig | None = None) -> EngineConfig:
         """Check every argument and resolve it once: the checkpoint folder (a GGUF file is converted here), the
@@ -134,7 +137,7 @@ class EngineArgs:
             model_path = self.model or ""
         dtype = model_config.dtype if self.dtype == "auto" else parse_dtype(self.dtype)
         quantization = self._quantization(model_config)
-        if quantization in RTN_SCHEMES and self.dtype == "auto":
+        if quantization in (*RTN_SCHEMES, "awq", "gptq") and self.dtype == "auto":
             dtype = torch.bfloat16  # quantized weights, bf16 activations and KV cache
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   tuple(self.pipeline_partition) if self.pipeline_partition else None,
@@ -151,16 +154,19 @@ class EngineArgs:
             parallel=parallel,
             load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, quantization, self.seed),
             device=resolve_device(self.device),
+            speculative=SpeculativeConfig.parse(self.speculative_config),
         )
 
     def _quantization(self, model_config: ModelConfig) -> str | None:
-        """A GGUF checkpoint runs in its own quantization unless --dtype asks for dequantized weights or another
-        --quantization requantizes them (as vLLM detects a checkpoint's method)."""
-        gguf = bool(model_config.quantization_config) and self.load_format != "dummy"
-        if self.quantization == "gguf" and not gguf:
-            raise ValueError("quantization 'gguf' needs a GGUF model (a .gguf file, or none for the embedded one)")
-        if self.quantization is None and gguf and self.dtype == "auto":
-            return "gguf"
+        """A quantized checkpoint runs in its own quantization (as vLLM detects the method), unless another
+        --quantization requantizes it or, for a GGUF file, --dtype asks for dequantized weights."""
+        method = model_config.quant_method if self.load_format != "dummy" else None
+        if self.quantization in CHECKPOINT_METHODS and self.quantization != method:
+            raise ValueError(f"quantization {self.quantization!r} needs a checkpoint quantized with it "
+                             f"(this one is {method or 'not quantized'}"
+                             f"{'; GGUF: a .gguf file, or none for the embedded model' if self.quantization == 'gguf' else ''})")
+        if self.quantization is None and method and (self.dtype == "auto" or method != "gguf"):
+            return method
         return self.quantization
 
     def _sampling_defaults(self, model_path: str) -> dict:

@@ -140,14 +140,24 @@ class BlockManager:
         for block_id in forked.block_table:
             self._share(block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens' (rejected proposals' slots)."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id)
+        del seq.block_table[keep:]
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.hash is None:  # holds nothing reusable: hand it out first
+                self.free_queue.move_to_end(block_id, last=False)
+
     def free(self, seq: Sequence) -> None:
         # Tail blocks go to the front of the eviction order: a prefix outlives its continuations.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.hash is None:  # holds nothing reusable: hand it out first
-                    self.free_queue.move_to_end(block_id, last=False)
+            self._release(block_id)
         seq.block_table = []
         seq.num_hashed_blocks = 0

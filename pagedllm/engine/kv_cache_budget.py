@@ -29,7 +29,8 @@ def profile_step(config: EngineConfig) -> tuple[StepInputs, int]:
     for n in sizes:
         tables.append(list(range(first, first + -(-n // bs))))
         first += len(tables[-1])
-    step = StepInputs.build([[0] * n for n in sizes], [0] * len(sizes), tables, sample_rows=list(range(len(sizes))))
+    last = [sum(sizes[:i + 1]) - 1 for i in range(len(sizes))]
+    step = StepInputs.build([[0] * n for n in sizes], [0] * len(sizes), tables, sample_positions=last)
     return step, first
 
 

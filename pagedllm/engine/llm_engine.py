@@ -19,6 +19,7 @@ from pagedllm.engine.protocol import EngineStats
 from pagedllm.engine.sampling_metadata import build_sampling_metadata
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from pagedllm.engine.sequence import Request, Sequence
+from pagedllm.engine.spec_decode import SpecDecodeStats, propose
 from pagedllm.executor.abstract import Executor, WorkerDiedError
 from pagedllm.executor.multiproc import MultiprocExecutor
 from pagedllm.executor.uniproc import UniProcExecutor
@@ -35,21 +36,26 @@ class _Launched:
 
     out: SchedulerOutput
     batch: list[ScheduledSeq]
-    rows: list[tuple[int, Sequence]]
+    rows: list[tuple[int, Sequence]]  # (the token position whose next token is sampled, the sequence it samples for)
     forks: list[tuple[Sequence, Sequence]]
+    speculating: list[tuple[Sequence, int, list[int]]] = field(default_factory=list)  # (seq, first row, proposals)
     prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk start): prompt logprobs
     sampling: SamplingMetadata | None = None
     flight: object = None  # the executor's handle for collect()
     error: Exception | None = None
 
 
-def step_inputs(batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_rows: list[int],
+def _chunk(s: ScheduledSeq) -> list[int]:
+    """The tokens a scheduled sequence computes: part of its tokens, or its last one and its proposals."""
+    start = s.seq.num_computed_tokens
+    return (s.seq.token_ids[start:start + s.num_new_tokens] + s.seq.spec_token_ids)[:s.num_new_tokens]
+
+
+def step_inputs(batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_positions: list[int],
                 prompt_rows: list[tuple[int, int, int]] = ()) -> StepInputs:
     """A scheduled batch as the plain tensors the workers take."""
-    return StepInputs.build(
-        [s.seq.token_ids[s.seq.num_computed_tokens:s.seq.num_computed_tokens + s.num_new_tokens] for s in batch],
-        [s.seq.num_computed_tokens for s in batch], [s.seq.block_table for s in batch], copies, sample_rows,
-        prompt_rows)
+    return StepInputs.build([_chunk(s) for s in batch], [s.seq.num_computed_tokens for s in batch],
+                            [s.seq.block_table for s in batch], copies, sample_positions, prompt_rows)
 
 
 def prompt_logprob_row(i: int, s: ScheduledSeq) -> tuple[int, int, int] | None:
@@ -87,6 +93,7 @@ class LLMEngine:
         self.in_flight: deque[_Launched] = deque()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.spec_stats = SpecDecodeStats()
         self.closed = False
 
     @classmethod
@@ -138,8 +145,10 @@ class LLMEngine:
     def stats(self) -> list[tuple[dict[str, str], EngineStats]]:
         """One (labels, stats) pair per engine replica; a single engine has no extra labels."""
         s = self.scheduler
+        spec = self.spec_stats
         return [({}, EngineStats(len(s.running), len(s.waiting), self.block_manager.usage, s.num_preemptions,
-                                 self.num_prompt_tokens, self.num_generation_tokens, s.prefix_queries, s.prefix_hits))]
+                                 self.num_prompt_tokens, self.num_generation_tokens, s.prefix_queries, s.prefix_hits,
+                                 spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens))]
 
     def health(self) -> dict:
         self.check_health()
@@ -179,33 +188,46 @@ class LLMEngine:
         return self._finish(self.in_flight.popleft())
 
     def _launch(self, share: int = 1) -> _Launched | None:
+        if self.config.speculative is not None:
+            propose(self.config.speculative, self.scheduler.running, self.config.max_model_len)
         out = self.scheduler.schedule(share)
         if not out.scheduled:
             return None
         # decodes first, by context length; then prompt chunks, by length (see forward_context.py)
         batch = sorted(out.scheduled, key=lambda s: (s.num_new_tokens != 1, s.num_new_tokens, s.seq.num_computed_tokens))
-        rows: list[tuple[int, Sequence]] = []  # (batch row whose last token is sampled, the sequence it samples for)
-        forks = []
-        now = time.time()
-        for i, s in enumerate(batch):
-            s.seq.in_flight = True
-            if s.seq.request.metrics.first_scheduled_time is None:
-                s.seq.request.metrics.first_scheduled_time = now
-            if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
-                rows.append((i, s.seq))
-                for k in range(1, s.num_samples):
-                    child = s.seq.fork(k)
-                    child.guide = self.processor.guide(child.params)  # forked before any output: a fresh state
-                    forks.append((s.seq, child))
-                    rows.append((i, child))
+        launched = _Launched(out, batch, [], [])
+        drafts: list[int] = []  # per sampled row: the proposal it verifies, or -1
+        firsts: list[int] = []  # per sampled row: its sequence's first row
+        now, end = time.time(), 0
+        for s in batch:
+            seq, end = s.seq, end + s.num_new_tokens
+            seq.in_flight = True
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            if seq.num_computed_tokens + s.num_new_tokens < seq.num_tokens + len(seq.spec_token_ids):
+                continue  # a prompt chunk before the last: nothing to sample
+            if seq.spec_token_ids:
+                launched.speculating.append((seq, len(launched.rows), list(seq.spec_token_ids)))
+            for j, draft in enumerate([*seq.spec_token_ids, -1]):  # a speculating sequence's last k + 1 positions
+                firsts.append(len(launched.rows) - j)
+                launched.rows.append((end - 1 - len(seq.spec_token_ids) + j, seq))
+                drafts.append(draft)
+            for k in range(1, s.num_samples):
+                child = seq.fork(k)
+                child.guide = self.processor.guide(child.params)  # forked before any output: a fresh state
+                launched.forks.append((seq, child))
+                firsts.append(len(launched.rows))
+                launched.rows.append((end - 1, child))
+                drafts.append(-1)
         prompt_rows = [r for i, s in enumerate(batch) if (r := prompt_logprob_row(i, s)) is not None]
-        launched = _Launched(out, batch, rows, forks, [(batch[r[0]].seq, batch[r[0]].seq.num_computed_tokens)
-                                                       for r in prompt_rows])
+        launched.prompt_rows = [(batch[r[0]].seq, batch[r[0]].seq.num_computed_tokens) for r in prompt_rows]
+        rows = launched.rows
         try:
             if rows:
-                launched.sampling = build_sampling_metadata([seq for _, seq in rows], self.config.model.vocab_size,
-                                                            self.processor.eos_token_ids, self.executor.driver.device)
-            launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [i for i, _ in rows],
+                launched.sampling = build_sampling_metadata(
+                    [seq for _, seq in rows], self.config.model.vocab_size, self.processor.eos_token_ids,
+                    self.executor.driver.device, (drafts, firsts) if launched.speculating else None)
+            launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [p for p, _ in rows],
                                                                prompt_rows))
         except Exception as exc:
             launched.error = exc
@@ -238,9 +260,21 @@ class LLMEngine:
             self.output_processor.append_prompt_logprobs(launched.prompt_rows, result.prompt_logprobs)
         if result.sampled is not None:
             self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result.sampled)
+        if launched.speculating:
+            self._settle(launched.speculating, result.sampled.token_ids.tolist())
         # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
         touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
         return [self._output(req) for req in touched if req.request_id in self.requests]
+
+    def _settle(self, speculating: list[tuple[Sequence, int, list[int]]], tokens: list[int]) -> None:
+        """Count each speculating sequence's accepted proposals (its leading rows that emitted their proposal) and
+        give back the slots of the rest."""
+        for seq, first, drafts in speculating:
+            accepted = next((j for j, d in enumerate(drafts) if tokens[first + j] != d), len(drafts))
+            self.spec_stats.num_drafts += 1
+            self.spec_stats.num_draft_tokens += len(drafts)
+            self.spec_stats.num_accepted_tokens += accepted
+            self.scheduler.settle_speculation(seq, accepted)
 
     def _fail(self, requests: set[Request], message: str) -> list[RequestOutput]:
         outputs = []

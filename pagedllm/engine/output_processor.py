@@ -23,14 +23,15 @@ class OutputProcessor:
         self.finish = finish
 
     def append_tokens(self, seqs: list[Sequence], result: SamplerOutput) -> int:
-        """Row j of `result` is the next token of seqs[j]; returns how many tokens were appended (a sequence
-        aborted while its batch was in flight takes none)."""
+        """Row j of `result` is the next token of seqs[j] (a speculating sequence has consecutive rows, -1 after its
+        first rejected proposal); returns how many tokens were appended (a sequence aborted while its batch was in
+        flight, or ended by an earlier row, takes none)."""
         now = time.time()
         tokens = result.token_ids.tolist()
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         appended = 0
         for j, (seq, token) in enumerate(zip(seqs, tokens)):
-            if seq.is_finished:
+            if seq.is_finished or token < 0:
                 continue
             guided = seq.guide is not None and token not in self.eos_token_ids
             if guided and not seq.guide.consume_token(token):

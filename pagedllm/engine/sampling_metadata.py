@@ -14,9 +14,10 @@ def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
-def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: tuple[int, ...],
-                            device: torch.device) -> SamplingMetadata:
-    """The rows' sampling settings as tensors (row i samples for seqs[i]); parts no row uses stay None."""
+def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: tuple[int, ...], device: torch.device,
+                            spec: tuple[list[int], list[int]] | None = None) -> SamplingMetadata:
+    """The rows' sampling settings as tensors (row i samples for seqs[i]); parts no row uses stay None. `spec`:
+    the proposal each row verifies and its sequence's first row (SamplingMetadata.spec)."""
     ps = [s.params for s in seqs]
     f32 = dict(dtype=torch.float32, device=device)
     greedy = [p.greedy for p in ps]
@@ -49,4 +50,5 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: tupl
                 allowed_mask([g for _, g in guided], vocab_size).to(device)) if guided else None,
         generators={i: s.generator for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy},
         num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+        spec=tuple(torch.tensor(c, dtype=torch.long, device=device) for c in spec) if spec else None,
     )

@@ -53,6 +53,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -72,7 +73,9 @@ class Scheduler:
             if seq.in_flight:  # its previous micro-batch has not come back yet
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.config.max_chunk)
+            # a speculating sequence computes its proposals too (as many as the budget leaves room for)
+            num_new = min(seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget, self.config.max_chunk)
+            del seq.spec_token_ids[max(0, seq.num_computed_tokens + num_new - seq.num_tokens):]
             while not bm.can_allocate(seq, num_new):
                 victim = next(s for s in reversed(self.running) if not s.in_flight)  # the newest that can stop
                 self.running.remove(victim)
@@ -82,7 +85,7 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:  # preempted itself: nobody left to make room
                 break
             out.blocks_to_copy += bm.allocate(seq, num_new)
-            bm.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
+            bm.cache_full_blocks(seq, min(seq.num_computed_tokens + num_new, seq.num_tokens))  # never proposals
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             i += 1
@@ -119,9 +122,18 @@ class Scheduler:
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Account for the tokens just computed (their K/V are now in the pool)."""
+        """Account for the tokens just computed (their K/V are now in the pool); proposals count once verified
+        (settle_speculation)."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - len(s.seq.spec_token_ids)
+
+    def settle_speculation(self, seq: Sequence, num_accepted: int) -> None:
+        """After a speculating step: the accepted proposals' K/V are valid (they are the tokens now appended), the
+        rest of the proposals' slots are given back."""
+        if not seq.is_finished:
+            seq.num_computed_tokens += num_accepted
+            self.block_manager.trim(seq, seq.num_tokens)
+        seq.spec_token_ids = []
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         self.block_manager.share_blocks(child)

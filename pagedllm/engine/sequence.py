@@ -46,6 +46,7 @@ class Sequence:
     stop_reason: int | str | None = None
     detok: DetokState = field(default_factory=DetokState)
     guide: object | None = None  # its structured-output matcher (engine/structured_outputs.py), if constrained
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals its next step verifies (engine/spec_decode.py)
 
     @property
     def params(self) -> SamplingParams:

@@ -64,14 +64,17 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--data-parallel-routing", choices=["least-loaded", "prefix-affinity"], default="least-loaded",
                    help="how requests are spread over data-parallel replicas")
     g.add_argument("--quantization", "-q", choices=[m for m in QUANTIZATION_METHODS if m], default=None,
-                   help="weight-only: int8 (a scale per row), int4 (groups of 32, round-to-nearest), gguf (a GGUF "
-                        "file's own formats: the default for GGUF files unless --dtype is given)")
+                   help="weight-only: int8 (a scale per row), int4 (groups of 32, round-to-nearest); a checkpoint's "
+                        "own, detected: gguf (unless --dtype is given: then dequantized), awq, gptq")
     g.add_argument("--generation-config", default="auto",
                    help="sampling defaults for what a request leaves unset: auto (the model's generation_config.json), "
                         "vllm (vLLM's own defaults) or a folder holding a generation_config.json")
     g.add_argument("--override-generation-config", type=_json_object, default=None,
                    help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
     g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
+    g.add_argument("--speculative-config", type=_json_object, default=None,
+                   help="speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
+                        "\"prompt_lookup_max\": 5, \"prompt_lookup_min\": 2, \"disable_by_batch_size\": 4}'")
     compat = p.add_argument_group("vLLM flags accepted for compatibility (no effect here; a warning says why)")
     for name in NO_EFFECT_ARGS:
         flag = "--" + name.replace("_", "-")

@@ -147,7 +147,7 @@ class MultiprocExecutor(Executor):
                 pending.wait()
         except Exception as exc:
             raise self._gone(exc) from exc
-        return _Flight(results, pending, len(step.sample_rows))
+        return _Flight(results, pending, len(step.sample_positions))
 
     def _results(self, flight: _Flight) -> tuple:
         if self.stages == 1:

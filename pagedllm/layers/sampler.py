@@ -89,27 +89,55 @@ class Sampler:
             logits = apply_penalties(logits, m)
         if m.banned is not None:
             logits[m.banned] = float("-inf")
-        tokens = argmax(logits)
-        if not m.all_greedy:
-            tokens = torch.where(m.greedy, tokens, self._random(logits, m))
+        probs = None if m.all_greedy else apply_top_k_top_p_min_p(logits / m.temperature.unsqueeze(1), m).softmax(-1)
+        if m.spec is not None:
+            tokens = self._verify(logits, probs, m)
+        else:
+            tokens = argmax(logits)
+            if probs is not None:
+                tokens = torch.where(m.greedy, tokens, self._race(probs, m))
         return self._with_logprobs(tokens, raw_logprobs, m.num_logprobs)
 
-    def _random(self, logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
-        logits = apply_top_k_top_p_min_p(logits / m.temperature.unsqueeze(1), m)
-        probs = logits.softmax(-1)
-        if self.generator is None or self.generator.device != probs.device:
-            self.generator = torch.Generator(device=probs.device)
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.seed)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        return self.generator
+
+    def _race(self, probs: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+        """One token per row drawn from probs."""
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
         for row, gen in m.generators.items():  # only seeded rows
             noise[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
         return argmax(probs / noise)
+
+    def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, m: SamplingMetadata) -> torch.Tensor:
+        """Speculative rows: row r of a sequence proposed draft d (or -1 on its last row). A greedy row accepts d if
+        it is the argmax; a random one with probability p(d) (rejection sampling against a proposal that is d for
+        sure: the output keeps exactly the target distribution), else it draws from p without d. A row emits d if
+        accepted, else its own token; rows after a sequence's first non-accepted row emit -1."""
+        drafts, first = m.spec
+        has_draft = drafts >= 0
+        d = drafts.clamp(min=0)
+        tokens = argmax(logits)
+        accepted = tokens == d
+        if probs is not None:
+            p_d = probs.gather(1, d[:, None]).squeeze(1)
+            u = torch.rand(p_d.shape, generator=self._generator(p_d.device), device=p_d.device)
+            residual = torch.where(has_draft[:, None], probs.scatter(1, d[:, None], 0.0), probs)
+            tokens = torch.where(m.greedy, tokens, self._race(residual, m))
+            accepted = torch.where(m.greedy, accepted, u < p_d)
+        accepted &= has_draft
+        tokens = torch.where(accepted, d, tokens)
+        stops = (~accepted).long()  # a sequence's rows end at its first row that is not an accepted proposal
+        before = stops.cumsum(0) - stops
+        return torch.where(before == before[first], tokens, -1)
 
     @staticmethod
     def _with_logprobs(tokens: torch.Tensor, logprobs: torch.Tensor | None, k: int) -> SamplerOutput:
         if logprobs is None:
             return SamplerOutput(tokens, None, None, None, None)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        chosen = logprobs.gather(1, tokens.clamp(min=0).unsqueeze(1)).squeeze(1)  # -1: a rejected proposal's row
         ranks = (logprobs > chosen.unsqueeze(1)).sum(-1) + 1
         top = logprobs.topk(k, dim=-1) if k > 0 else None
         return SamplerOutput(tokens, chosen, top.indices if top else None, top.values if top else None, ranks)

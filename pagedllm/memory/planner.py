@@ -93,7 +93,7 @@ def make_plan(config: EngineConfig, concurrency: int = 8, device_memory: int | N
         "parameters": count_parameters(cfg),
         "active_parameters": count_parameters(cfg, active=True),  # per token: a MoE model's top-k experts
         "weight_bytes": {name: weights_per_stage(cfg, name)[0].bytes
-                         for name in (*WEIGHT_DTYPES, *(["gguf"] if cfg.quantization_config else []))},
+                         for name in (*WEIGHT_DTYPES, *([cfg.quant_method] if cfg.quant_method else []))},
         "kv_cache": {
             "bytes_per_token": exact, "brief_bytes_per_token": brief, "brief_over_exact": brief / exact,
             "why": gqa_note(cfg), "bytes_per_block": exact * cache.block_size,

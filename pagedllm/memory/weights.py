@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
-from pagedllm.quant_config import RTN_SCHEMES, QuantFormat
+from pagedllm.quant_config import CHECKPOINT_METHODS, RTN_SCHEMES, QuantFormat
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; "gguf": the
-# formats a GGUF checkpoint lists per layer)
+# what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; a checkpoint's
+# own method, CHECKPOINT_METHODS: the formats its quantization_config gives per layer)
 WEIGHT_DTYPES = (*FLOAT_BYTES, *RTN_SCHEMES)
 # where each tensor of tensor_specs lives in the checkpoint (a layer's under model.layers.<i>.)
 _MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -93,7 +93,7 @@ def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> Quant
     """The quantized format a tensor is stored in, None for floats (vectors, experts, unquantized weights)."""
     if spec.cols == 1 or not spec.int8 or dtype in FLOAT_BYTES:
         return None
-    if dtype == "gguf":
+    if dtype in CHECKPOINT_METHODS:
         module = _MODULES[spec.name] if spec.stage != "layer" else f"model.layers.{layer}.{_MODULES[spec.name]}"
         return cfg.quant_formats.get(module)
     linear, table = RTN_SCHEMES[dtype]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -12,9 +13,10 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedllm.config import EngineConfig
-from pagedllm.layers import quantization as quant
+from pagedllm.layers import quantization as quant_layer
+from pagedllm.model_loader import awq_gptq
 from pagedllm.models.decoder import DecoderForCausalLM, Stage
-from pagedllm.quant_config import RTN_SCHEMES
+from pagedllm.quant_config import CHECKPOINT_METHODS, RTN_SCHEMES
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -39,17 +41,31 @@ def _layer_pattern(name: str) -> str:
 _QUANT_SUFFIXES = (".weight_scale", ".weight_offset")
 
 
-def _tensors(f, dequantize_to: torch.dtype | None):
-    """(name, tensor or lazy slice) of one safetensors file; with dequantize_to, each grouped-quantized weight comes
-    as one float tensor (its scales and offsets folded in) for a model built unquantized."""
-    names = set(f.keys())
-    for name in f.keys():
+def _tensors(files: dict, quant: dict, dequantize_to: torch.dtype | None):
+    """(name, tensor or lazy slice) of a checkpoint (`files`: tensor name -> its open safetensors file). Quantized
+    layers come as pagedllm's tensors (AWQ / GPTQ converted); with dequantize_to, as one float weight each (their
+    scales and offsets folded in) for a model built unquantized."""
+    def get(name: str) -> torch.Tensor | None:
+        return files[name].get_tensor(name) if name in files else None
+
+    awq_gptq_layers = quant.get("quant_method") in ("awq", "gptq")
+    for name, f in files.items():
         base = name.removesuffix(".weight")
-        if dequantize_to is None or not (name.endswith(_QUANT_SUFFIXES) or f"{base}.weight_scale" in names):
+        if awq_gptq_layers and name.endswith(".qweight"):
+            base = name.removesuffix(".qweight")
+            parts = awq_gptq.to_grouped(get, base, quant)
+        elif name.endswith(".weight") and f"{base}.weight_scale" in files:
+            parts = {s: get(base + s) for s in (".weight", *_QUANT_SUFFIXES) if base + s in files}
+        elif name.endswith(_QUANT_SUFFIXES) or (awq_gptq_layers and name.endswith(awq_gptq.COMPANIONS)):
+            continue  # read with their weight
+        else:
             yield name, f.get_slice(name)
-        elif name.endswith(".weight"):
-            offset = f.get_tensor(f"{base}.weight_offset") if f"{base}.weight_offset" in names else None
-            yield name, quant.dequantize(f.get_tensor(name), f.get_tensor(f"{base}.weight_scale"), offset, dequantize_to)
+            continue
+        if dequantize_to is None:
+            yield from ((base + suffix, t) for suffix, t in parts.items())
+        else:
+            yield f"{base}.weight", quant_layer.dequantize(parts[".weight"], parts[".weight_scale"],
+                                                          parts.get(".weight_offset"), dequantize_to)
 
 
 def load_weights(model: DecoderForCausalLM, folder: str, dequantize_to: torch.dtype | None = None) -> None:
@@ -63,22 +79,26 @@ def load_weights(model: DecoderForCausalLM, folder: str, dequantize_to: torch.dt
     # a tied LM head on a pipeline's last stage, apart from the embedding, loads the embedding's weights
     own_tied_head = tied and model.lm_head is not None and model.model.embed_tokens is None
     loaded_names: set[str] = set()
-    for path in _safetensors_files(folder):
-        with safe_open(path, framework="pt") as f:
-            for name, tensor in _tensors(f, dequantize_to):
-                if tied and name.startswith("lm_head."):
-                    continue
-                target, shard_id = model.checkpoint_target(name)
-                if own_tied_head and name.startswith("model.embed_tokens."):
-                    target = name.replace("model.embed_tokens.", "lm_head.")
-                param = params.get(target)
-                if param is None:  # another pipeline stage's, a rotary inv_freq buffer some checkpoints carry, or not ours
-                    if _layer_pattern(target) not in known and not name.endswith("rotary_emb.inv_freq"):
-                        unknown.append(name)
-                    continue
-                loader = getattr(param, "weight_loader", _default_loader)
-                loader(param, tensor, shard_id)
-                loaded_names.add(target)
+    with contextlib.ExitStack() as stack:
+        files = {}  # every tensor's file: a layer's quantized parts may lie in different shards
+        for path in _safetensors_files(folder):
+            f = stack.enter_context(safe_open(path, framework="pt"))
+            files.update(dict.fromkeys(f.keys(), f))
+        quant = json.loads(model.config.quantization_config) if model.config.quantization_config else {}
+        for name, tensor in _tensors(files, quant, dequantize_to):
+            if tied and name.startswith("lm_head."):
+                continue
+            target, shard_id = model.checkpoint_target(name)
+            if own_tied_head and name.startswith("model.embed_tokens."):
+                target = name.replace("model.embed_tokens.", "lm_head.")
+            param = params.get(target)
+            if param is None:  # another pipeline stage's, a rotary inv_freq buffer some checkpoints carry, or not ours
+                if _layer_pattern(target) not in known and not name.endswith("rotary_emb.inv_freq"):
+                    unknown.append(name)
+                continue
+            loader = getattr(param, "weight_loader", _default_loader)
+            loader(param, tensor, shard_id)
+            loaded_names.add(target)
     if unknown:
         raise ValueError(f"checkpoint {folder} has tensors pagedllm does not know how to use: {', '.join(unknown[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''} (a quantized checkpoint without its quantization_config?)")
@@ -107,14 +127,14 @@ def build_model(config: EngineConfig, device: torch.device, stage: Stage | None 
     finally:
         torch.set_default_dtype(default_dtype)
     quantization = config.load.quantization
-    if quantization == "gguf":
+    if quantization in CHECKPOINT_METHODS:
         model.make_quantized_(config.model.quant_formats)
     if config.load.load_format == "dummy":
         init_dummy_weights(model, config.load.seed)
     else:
         checkpoint_quantized = bool(config.model.quantization_config)
         load_weights(model, config.load.model_path,
-                     config.dtype if checkpoint_quantized and quantization != "gguf" else None)
+                     config.dtype if checkpoint_quantized and quantization not in CHECKPOINT_METHODS else None)
     if quantization in RTN_SCHEMES:
         model.quantize_(quantization)
     return model.eval()

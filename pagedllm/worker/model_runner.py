@@ -74,10 +74,9 @@ class ModelRunner:
         if not self.model.stage.last:
             return hidden
         prompt = self._prompt_logprobs(step, hidden) if len(step.prompt_logprobs) else None
-        if not len(step.sample_rows):
+        if not len(step.sample_positions):
             return None, prompt
-        last = torch.cumsum(step.lens, 0) - 1
-        return self.model.compute_logits(hidden[last[step.sample_rows].to(self.device)]), prompt
+        return self.model.compute_logits(hidden[step.sample_positions.to(self.device)]), prompt
 
     def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, chunk: int = 256) -> PromptLogprobs:
         """Each requested row's prompt tokens after its chunk's first, scored by the positions before them (the last

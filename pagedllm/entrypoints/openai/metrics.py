@@ -28,6 +28,9 @@ _COUNTERS = {
     "generation_tokens": ("generation_tokens", "Tokens generated"),
     "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
     "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    "spec_decode_num_drafts": ("spec_decode_num_drafts", "Sequence steps that verified speculative proposals"),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "Speculative tokens proposed"),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Speculative tokens accepted"),
 }
 
 

@@ -1,0 +1,71 @@
+"""Speculative decoding, engine side: n-gram proposals (prompt lookup), which sequences may speculate, and the
+counters vLLM reports. The target model verifies proposals inside the normal step (layers/sampler.py): a
+speculating sequence computes its last token and its k proposals as one chunk of k + 1 tokens, and each of those
+positions is a sampled row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.engine.sequence import Sequence
+from pagedllm.spec_config import SpeculativeConfig
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0  # sequence-steps that carried proposals
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a speculating step produced per sequence on average: the accepted proposals plus the one the
+        target model samples itself."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+def ngram_proposal(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """The up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens (the longest
+    n from n_max down to n_min that occurs); [] if none does. Tensor code: one comparison of every window."""
+    if k <= 0 or len(token_ids) <= n_min:
+        return []
+    ids = torch.tensor(token_ids)
+    for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+        windows = ids[:-1].unfold(0, n, 1)  # windows ending before the last token: each has a token after it
+        hits = (windows == ids[-n:]).all(1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n
+            return ids[start:start + k].tolist()
+    return []
+
+
+def may_speculate(seq: Sequence) -> bool:
+    """Proposals are verified for greedy and plain random sampling (temperature, top-k / top-p / min-p) with the
+    target model's logprobs; anything whose next-token distribution depends on the tokens before it within the
+    step (penalties, structured output, min_tokens' bans) or that draws from its own seeded noise does not
+    speculate."""
+    p = seq.params
+    return (seq.guide is None and seq.generator is None and not p.logit_bias and not p.allowed_token_ids
+            and not p.presence_penalty and not p.frequency_penalty and p.repetition_penalty == 1.0
+            and seq.num_output_tokens >= p.min_tokens)
+
+
+def propose(config: SpeculativeConfig, running: list[Sequence], max_model_len: int) -> None:
+    """Set spec_token_ids on the decoding sequences that may speculate this step (none when more than
+    disable_by_batch_size sequences run), each bounded by max_tokens and the context."""
+    if len(running) > config.disable_by_batch_size:
+        return
+    for seq in running:
+        if seq.in_flight or seq.num_computed_tokens != seq.num_tokens - 1 or not may_speculate(seq):
+            continue
+        limit = max_model_len - seq.num_tokens - 1
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        seq.spec_token_ids = ngram_proposal(seq.token_ids, min(config.num_speculative_tokens, limit),
+                                            config.prompt_lookup_min, config.prompt_lookup_max)
