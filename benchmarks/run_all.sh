@@ -17,6 +17,11 @@ $B bench latency --max-model-len 1024 --output-json $R/latency_gguf_q4_1.json
 # single request at a long context (attention's share grows; few decodes split their keys over the threads)
 $B bench latency --max-model-len 4096 --dtype bfloat16 --input-len 3072 3072 --output-len 128 128 --output-json $R/latency_bf16_3k_context.json
 $B bench quantization --output-json $R/quantization_quality.json
+# speculative decoding (n-gram prompt lookup) on a conversation whose answer quotes its prompt, off then on
+TYPOS="Fix the typos in this paragraph and write it out again: The quick brwon fox jumpd over the lazy dog. It was a sunny day and the fox was very hapy. The dog did not care at all, it just slept in the sun all afternon. Later that evening the farmer came home and fed both of them, and they all went to sleep in the old barn behind the house."
+$B bench latency --max-model-len 1024 --output-len 256 256 --chat "$TYPOS" --output-json $R/latency_chat_typos.json
+$B bench latency --max-model-len 1024 --output-len 256 256 --chat "$TYPOS" --output-json $R/latency_chat_typos_ngram.json \
+  --speculative-config '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
 # the brief's model family: one request on Qwen3-0.6B shapes with random weights (no checkpoint needed)
 $B bench latency --model qwen3-0.6b --load-format dummy --max-model-len 1024 --compare hf --output-json $R/latency_qwen3_0.6b_dummy.json
 # prefix caching: 32 requests sharing a 1,000-token system prompt
