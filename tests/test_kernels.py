@@ -134,7 +134,7 @@ def test_linear_matches_matmul(dtype, tol, rows):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [1, 2, 4, 9, 40])
+@pytest.mark.parametrize("rows", [1, 2, 4, 6, 9, 40])
 @pytest.mark.parametrize("k", [128, 160, 384])
 def test_quantized_linear_matches_the_dequantized_matmul(fmt, dtype, tol, rows, k):
     """Every grouped format through the GEMVs (up to 4 rows: fp32 vectors, and AVX512-BF16 for 4-bit), torch's int8
