@@ -34,6 +34,8 @@ class PrefillBucket:
 
 @dataclass
 class NativeBatch:
+    """For the kernels that take the whole step through the block tables (native CPU, Triton on the GPU)."""
+
     block_tables: torch.Tensor  # [B, W]
     query_start: torch.Tensor  # [B + 1] each sequence's first token in the flat layout, then the total
     context_lens: torch.Tensor  # [B] tokens each sequence has once this step's are written

@@ -10,6 +10,9 @@ import torch
 
 from pagedllm.model_loader.resolve import resolve_model
 
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-6)
 

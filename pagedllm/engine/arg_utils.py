@@ -20,6 +20,7 @@ from pagedllm.config import (
     parse_dtype,
     read_generation_defaults,
 )
+from pagedllm.kernels import ATTENTION_BACKENDS
 from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
 from pagedllm.quant_config import CHECKPOINT_METHODS, QUANTIZATION_METHODS, RTN_SCHEMES
@@ -92,6 +93,7 @@ class EngineArgs:
     override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the above
     max_logprobs: int = 20
     speculative_config: dict | str | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": 3, ...}
+    attention_backend: str | None = None  # kernels.ATTENTION_BACKENDS; sets PAGEDLLM_ATTENTION_BACKEND for every process
 
     @classmethod
     def names(cls) -> set[str]:
@@ -124,12 +126,16 @@ class EngineArgs:
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
         SpeculativeConfig.parse(self.speculative_config)
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
 
     def create_engine_config(self, model_config: ModelConfig | None = None) -> EngineConfig:
         """Check every argument and resolve it once: the checkpoint folder (a GGUF file is converted here), the
         model's facts, dtypes, limits, the parallel layout and the device. With `model_config` given (the memory
         planner), nothing is resolved or converted."""
         self.validate()
+        if self.attention_backend is not None:  # read by the kernels of this process and of the workers it starts
+            os.environ["PAGEDLLM_ATTENTION_BACKEND"] = self.attention_backend
         if model_config is None:
             model_path = resolve_model(self.model, self.load_format)
             model_config = ModelConfig.from_folder(model_path)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from pagedllm.engine.arg_utils import NO_EFFECT_ARGS, EngineArgs, engine_kwargs
+from pagedllm.kernels import ATTENTION_BACKENDS
 from pagedllm.memory.units import parse_bytes
 from pagedllm.quant_config import QUANTIZATION_METHODS
 from pagedllm.sampling_params import SamplingParams
@@ -72,6 +73,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--override-generation-config", type=_json_object, default=None,
                    help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
     g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
+    g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
+                   help="auto: Triton on CUDA, the native kernel on the CPU; triton on the CPU needs TRITON_INTERPRET=1 "
+                        "(testing); torch: plain torch ops (default: $PAGEDLLM_ATTENTION_BACKEND or auto)")
     g.add_argument("--speculative-config", type=_json_object, default=None,
                    help="speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                         "\"prompt_lookup_max\": 5, \"prompt_lookup_min\": 2, \"disable_by_batch_size\": 4}'")

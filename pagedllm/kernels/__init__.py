@@ -1,5 +1,6 @@
 """Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; linear layers with a
-memory-speed GEMV for decode batches; a stack of decoder layers in one call):
+memory-speed GEMV for decode batches; a stack of decoder layers in one call), and Triton's attention kernels for
+the GPU (triton_attention.py). The CPU ones are
 C++ built once with the machine's compiler on first use (a few seconds), cached under
 ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
@@ -33,12 +34,39 @@ _ISA_FLAGS = {
 }
 
 
+ATTENTION_BACKENDS = ("auto", "native", "triton", "torch")
+
+
 def attention_backend() -> str:
-    """PAGEDLLM_ATTENTION_BACKEND: "auto" (native kernel where it is built and applies), "native" or "torch"."""
+    """PAGEDLLM_ATTENTION_BACKEND (or --attention-backend): "auto" (Triton on CUDA, the native kernel on the CPU where
+    it is built and applies), "native", "triton" (on the CPU only under TRITON_INTERPRET=1, for testing) or "torch"."""
     choice = os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "auto").lower()
-    if choice not in ("auto", "native", "torch"):
-        raise ValueError(f"PAGEDLLM_ATTENTION_BACKEND must be auto, native or torch, not {choice!r}")
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"PAGEDLLM_ATTENTION_BACKEND must be one of {', '.join(ATTENTION_BACKENDS)}, not {choice!r}")
     return choice
+
+
+def triton_attention_enabled(device: torch.device, block_size: int, head_dim: int) -> bool:
+    """Whether this device's attention runs in the Triton kernels (kernels/triton_attention.py)."""
+    backend = attention_backend()
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_importable()):
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton attention backend runs on CUDA (or on the CPU under TRITON_INTERPRET=1, "
+                             "Triton's interpreter, for testing)")
+        if not all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim)):
+            raise ValueError(f"the triton attention kernel needs a block size and head_dim that are powers of two "
+                             f"of at least 16 (got {block_size} and {head_dim})")
+        return True
+    return False
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.cache
@@ -73,7 +101,7 @@ def native_ops_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused layers (RMSNorm, rotary, SwiGLU, stacks of decoder layers) and linear layers run natively for a
     model on this device and dtype."""
     backend = attention_backend()
-    if backend == "torch" or device.type != "cpu" or dtype not in DTYPES:
+    if backend in ("torch", "triton") or device.type != "cpu" or dtype not in DTYPES:
         if backend == "native":
             raise ValueError(f"the native kernels do not cover {device.type} / {dtype}")
         return False
@@ -87,17 +115,33 @@ def native_attention_supported(device: torch.device, dtype: torch.dtype, head_di
     return head_dim in HEAD_DIMS and native_ops_enabled(device, dtype)
 
 
+def _triton_kernels(device: torch.device):
+    """The Triton kernels module where this device's attention runs in it, else None (the native CPU operators)."""
+    if device.type == "cpu" and attention_backend() != "triton":
+        return None
+    from pagedllm.kernels import triton_attention
+
+    return triton_attention
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of a step's query tokens q [T, heads, D] (sequence b's are q[query_start[b]:
     query_start[b + 1]], the last of its context_lens[b] tokens) over each sequence's keys and values in
-    the pool ([kv_heads, blocks, block_size, D]), found through its block table."""
+    the pool ([kv_heads, blocks, block_size, D]), found through its block table: the native CPU kernel, or
+    Triton's (GPU)."""
+    impl = _triton_kernels(q.device)
+    if impl is not None:
+        return impl.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
     return torch.ops.pagedllm.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
     """Write a step's keys and values [T, kv_heads, D] into the pool [kv_heads, blocks, block_size, D] at their slots."""
+    impl = _triton_kernels(key.device)
+    if impl is not None:
+        return impl.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
     torch.ops.pagedllm.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 

@@ -29,7 +29,7 @@ def buckets(sizes: list[int], max_padding: float = MAX_PADDING) -> list[tuple[in
 class InputBuilder:
     def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device, native: bool):
         self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
-        self.native = native  # the native kernel reads the pool through the block tables: no buckets
+        self.native = native  # a kernel (native CPU, Triton) reads the pool through the block tables: no buckets
 
     def _gather_index(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
@@ -45,7 +45,8 @@ class InputBuilder:
         slots = tables[row, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(slot_mapping=slots.to(dev))
         if self.native:
-            meta.native = NativeBatch(tables, torch.cat([first, torch.tensor([len(row)])]), starts + lens)
+            meta.native = NativeBatch(tables.to(dev), torch.cat([first, torch.tensor([len(row)])]).to(dev),
+                                      (starts + lens).to(dev))
         else:
             self._add_buckets(meta, step, row, first, offset)
         return step.token_ids.to(dev), positions.to(dev), meta

@@ -6,7 +6,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.forward_context import attention_metadata
-from pagedllm.kernels import native_attention_supported, native_ops_enabled
+from pagedllm.kernels import native_attention_supported, native_ops_enabled, triton_attention_enabled
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import enable_native_ops
 from pagedllm.model_loader.weights import build_model
@@ -42,7 +42,8 @@ class ModelRunner:
         self.kv_cache = torch.empty(shape, dtype=self.config.cache.cache_dtype, device=self.device)
         advise_huge_pages(self.kv_cache)
         self.kv_cache.zero_()
-        native = native_attention_supported(self.device, self.dtype, attn.head_dim)
+        native = (triton_attention_enabled(self.device, block_size, attn.head_dim)
+                  or native_attention_supported(self.device, self.dtype, attn.head_dim))
         self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device, native)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
