@@ -80,6 +80,7 @@ class SamplingMetadata:
     # speculative decoding: (the proposal each row verifies, -1 on a sequence's last row; each row's sequence's
     # first row), or None when no row speculates
     spec: tuple[torch.Tensor, torch.Tensor] | None = None
+    spec_probs: torch.Tensor | None = None  # [rows, vocab] a draft model's q for each proposal (None: certain ones)
 
 
 @dataclass

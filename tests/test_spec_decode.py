@@ -60,6 +60,23 @@ def test_greedy_output_is_identical_without_speculation(tiny_models, name):
     assert stats.num_preemptions > 0 or name != "preemption"
 
 
+@pytest.mark.parametrize("name", ["plain", "preemption", "small-chunks"])
+def test_a_draft_model_gives_the_same_greedy_output(tiny_models, name):
+    """The target itself as its draft accepts every proposal (its K/V bookkeeping must be exact for that); another
+    model with the same vocabulary (the tiny Llama) proposes worse, and the output stays the target's."""
+    prompts = _repetitive(4, seed=24)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=2 if name == "plain" else 1)
+    want, _, _ = _generate(tiny_models["qwen3"], prompts, params, **CONFIGS[name])
+    for draft in ("qwen3", "llama"):
+        spec = {"method": "draft_model", "model": tiny_models[draft], "num_speculative_tokens": 3,
+                "disable_by_batch_size": 8}
+        got, _, stats = _generate(tiny_models["qwen3"], prompts, params, speculative_config=spec, **CONFIGS[name])
+        assert got == want
+        assert stats.spec_decode_num_drafts > 0
+        if draft == "qwen3":
+            assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens
+
+
 def test_stops_and_max_tokens_end_inside_an_accepted_run(tiny_models):
     prompts = _repetitive(3, seed=22)
     base, _, _ = _generate(tiny_models["qwen3"], prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
@@ -77,6 +94,22 @@ def test_large_batches_do_not_speculate(tiny_models):
     _, _, stats = _generate(tiny_models["qwen3"], prompts, params,
                             speculative_config={**NGRAM, "disable_by_batch_size": 5})
     assert stats.spec_decode_num_drafts == 0  # six sequences run together to the end
+
+
+def test_rejection_sampling_against_a_draft_distribution():
+    """A draft that proposes from q: the emitted token is distributed as p, accepted with probability
+    sum(min(p, q))."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    groups = 40_000
+    proposals = torch.multinomial(q, groups, replacement=True, generator=torch.Generator().manual_seed(5))
+    rows, meta = _rows([0], torch.stack([p.log(), p.log()]), greedy=False, groups=groups)
+    meta.spec = (torch.stack([proposals, torch.full_like(proposals, -1)], 1).view(-1), meta.spec[1])
+    meta.spec_probs = torch.stack([q, torch.zeros(4)]).repeat(groups, 1)
+    tokens = Sampler(seed=6)(rows, meta).token_ids.view(groups, 2)
+    assert (torch.bincount(tokens[:, 0], minlength=4).float() / groups - p).abs().max() < 0.01
+    accepted = (tokens[:, 0] == proposals).float().mean()
+    assert abs(accepted - torch.minimum(p, q).sum()) < 0.01
 
 
 def _rows(drafts: list[int], logits: torch.Tensor, greedy: bool, groups: int):
@@ -120,12 +153,16 @@ def test_greedy_verification_takes_the_argmax():
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"method": "draft_model", "model": "x"}, "not supported yet"),
+    ({"method": "draft_model"}, "takes a draft `model`"),
+    ({"method": "ngram", "model": "x"}, "ngram takes none"),
     ({"method": "eagle"}, "not supported"),
     ({"num_speculative_tokens": 0}, "positive integers"),
     ({"prompt_lookup_min": 5, "prompt_lookup_max": 2}, "must not exceed"),
     ({"lookahead": 3}, "unknown field"),
+    ({"method": "draft_model", "model": "x", "tensor_parallel_size": 2}, "one device per replica"),
 ])
 def test_bad_speculative_configs_are_refused(tiny_models, config, message):
+    config = dict(config)
+    tp = config.pop("tensor_parallel_size", 1)
     with pytest.raises(ValueError, match=message):
-        LLM(tiny_models["qwen3"], speculative_config=config)
+        LLM(tiny_models["qwen3"], speculative_config=config, tensor_parallel_size=tp)

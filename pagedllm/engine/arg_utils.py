@@ -149,6 +149,10 @@ class EngineArgs:
                                   tuple(self.pipeline_partition) if self.pipeline_partition else None,
                                   self.data_parallel_size, self.data_parallel_routing)
         parallel.check(model_config)
+        speculative = SpeculativeConfig.parse(self.speculative_config)
+        if speculative and speculative.method == "draft_model" and parallel.world_size > 1:
+            raise ValueError("draft-model speculation runs on one device per replica so far (tensor and pipeline "
+                             "parallel size 1); ngram speculation works with both")
         defaults = tuple(sorted(self._sampling_defaults(model_path).items()))
         return EngineConfig(
             model=dataclasses.replace(model_config, dtype=dtype, sampling_defaults=defaults,
@@ -160,7 +164,7 @@ class EngineArgs:
             parallel=parallel,
             load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, quantization, self.seed),
             device=resolve_device(self.device),
-            speculative=SpeculativeConfig.parse(self.speculative_config),
+            speculative=speculative,
         )
 
     def _quantization(self, model_config: ModelConfig) -> str | None:

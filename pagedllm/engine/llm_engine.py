@@ -19,7 +19,7 @@ from pagedllm.engine.protocol import EngineStats
 from pagedllm.engine.sampling_metadata import build_sampling_metadata
 from pagedllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from pagedllm.engine.sequence import Request, Sequence
-from pagedllm.engine.spec_decode import SpecDecodeStats, propose
+from pagedllm.engine.spec_decode import SpecDecodeStats, Speculator
 from pagedllm.executor.abstract import Executor, WorkerDiedError
 from pagedllm.executor.multiproc import MultiprocExecutor
 from pagedllm.executor.uniproc import UniProcExecutor
@@ -82,6 +82,7 @@ class LLMEngine:
         try:
             num_blocks = determine_num_blocks(config, self.executor)
             self.executor.allocate_kv_cache(num_blocks)
+            self.speculator = Speculator(config, num_blocks, self.processor.eos_token_ids) if config.speculative else None
         except BaseException:
             self.executor.shutdown()
             raise
@@ -93,7 +94,6 @@ class LLMEngine:
         self.in_flight: deque[_Launched] = deque()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        self.spec_stats = SpecDecodeStats()
         self.closed = False
 
     @classmethod
@@ -145,7 +145,7 @@ class LLMEngine:
     def stats(self) -> list[tuple[dict[str, str], EngineStats]]:
         """One (labels, stats) pair per engine replica; a single engine has no extra labels."""
         s = self.scheduler
-        spec = self.spec_stats
+        spec = self.speculator.stats if self.speculator else SpecDecodeStats()
         return [({}, EngineStats(len(s.running), len(s.waiting), self.block_manager.usage, s.num_preemptions,
                                  self.num_prompt_tokens, self.num_generation_tokens, s.prefix_queries, s.prefix_hits,
                                  spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens))]
@@ -168,6 +168,8 @@ class LLMEngine:
                 self._finish(self.in_flight.popleft())
         except RuntimeError:
             pass
+        if self.speculator is not None:
+            self.speculator.shutdown()
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
@@ -188,11 +190,13 @@ class LLMEngine:
         return self._finish(self.in_flight.popleft())
 
     def _launch(self, share: int = 1) -> _Launched | None:
-        if self.config.speculative is not None:
-            propose(self.config.speculative, self.scheduler.running, self.config.max_model_len)
+        if self.speculator is not None:
+            self.speculator.prepare(self.scheduler.running)
         out = self.scheduler.schedule(share)
         if not out.scheduled:
             return None
+        dists = self.speculator.fill([s.seq for s in out.scheduled if s.seq.spec_token_ids],
+                                     out.blocks_to_copy) if self.speculator else {}
         # decodes first, by context length; then prompt chunks, by length (see forward_context.py)
         batch = sorted(out.scheduled, key=lambda s: (s.num_new_tokens != 1, s.num_new_tokens, s.seq.num_computed_tokens))
         launched = _Launched(out, batch, [], [])
@@ -224,9 +228,12 @@ class LLMEngine:
         rows = launched.rows
         try:
             if rows:
+                device = self.executor.driver.device
                 launched.sampling = build_sampling_metadata(
-                    [seq for _, seq in rows], self.config.model.vocab_size, self.processor.eos_token_ids,
-                    self.executor.driver.device, (drafts, firsts) if launched.speculating else None)
+                    [seq for _, seq in rows], self.config.model.vocab_size, self.processor.eos_token_ids, device,
+                    (drafts, firsts) if launched.speculating else None)
+                if dists:
+                    launched.sampling.spec_probs = self.speculator.row_probs(launched.speculating, len(rows), dists, device)
             launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [p for p, _ in rows],
                                                                prompt_rows))
         except Exception as exc:
@@ -261,20 +268,10 @@ class LLMEngine:
         if result.sampled is not None:
             self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result.sampled)
         if launched.speculating:
-            self._settle(launched.speculating, result.sampled.token_ids.tolist())
+            self.speculator.settle(self.scheduler, launched.speculating, result.sampled.token_ids.tolist())
         # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
         touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
         return [self._output(req) for req in touched if req.request_id in self.requests]
-
-    def _settle(self, speculating: list[tuple[Sequence, int, list[int]]], tokens: list[int]) -> None:
-        """Count each speculating sequence's accepted proposals (its leading rows that emitted their proposal) and
-        give back the slots of the rest."""
-        for seq, first, drafts in speculating:
-            accepted = next((j for j, d in enumerate(drafts) if tokens[first + j] != d), len(drafts))
-            self.spec_stats.num_drafts += 1
-            self.spec_stats.num_draft_tokens += len(drafts)
-            self.spec_stats.num_accepted_tokens += accepted
-            self.scheduler.settle_speculation(seq, accepted)
 
     def _fail(self, requests: set[Request], message: str) -> list[RequestOutput]:
         outputs = []

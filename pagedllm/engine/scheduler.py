@@ -52,7 +52,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -132,6 +132,7 @@ class Scheduler:
         rest of the proposals' slots are given back."""
         if not seq.is_finished:
             seq.num_computed_tokens += num_accepted
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)  # a draft's K/V of rejects
             self.block_manager.trim(seq, seq.num_tokens)
         seq.spec_token_ids = []
 

@@ -47,6 +47,7 @@ class Sequence:
     detok: DetokState = field(default_factory=DetokState)
     guide: object | None = None  # its structured-output matcher (engine/structured_outputs.py), if constrained
     spec_token_ids: list[int] = field(default_factory=list)  # proposals its next step verifies (engine/spec_decode.py)
+    num_draft_computed: int = 0  # leading tokens whose K/V a draft model holds (engine/draft_proposer.py)
 
     @property
     def params(self) -> SamplingParams:

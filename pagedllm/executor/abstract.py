@@ -30,6 +30,11 @@ class Executor:
         sampled = self.driver.sample(logits, sampling) if logits is not None and sampling is not None else None
         return StepOutput(sampled, prompt)
 
+    def propose(self, step: StepInputs, sampling: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft model's step: its proposals for the sampled rows and their distributions (Sampler.propose)."""
+        logits, _ = self._results(self.submit(step))
+        return self.driver.sampler.propose(logits, sampling)
+
     def collective_rpc(self, method: str, *args, reply: bool = True) -> list:
         """Call Worker.method(*args) on every rank; their results, rank 0's first (only rank 0's without reply)."""
         raise NotImplementedError

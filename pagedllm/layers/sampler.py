@@ -111,22 +111,33 @@ class Sampler:
             noise[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
         return argmax(probs / noise)
 
+    def propose(self, logits: torch.Tensor, m: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft model's proposals: the argmax on greedy rows, else a draw from its distribution q (after the
+        request's temperature / top-k / top-p / min-p, as the target's), returned with q for verification."""
+        tokens = argmax(logits)
+        if m.all_greedy:
+            return tokens, None
+        q = apply_top_k_top_p_min_p(logits.float() / m.temperature.unsqueeze(1), m).softmax(-1)
+        return torch.where(m.greedy, tokens, self._race(q, m)), q
+
     def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, m: SamplingMetadata) -> torch.Tensor:
         """Speculative rows: row r of a sequence proposed draft d (or -1 on its last row). A greedy row accepts d if
-        it is the argmax; a random one with probability p(d) (rejection sampling against a proposal that is d for
-        sure: the output keeps exactly the target distribution), else it draws from p without d. A row emits d if
-        accepted, else its own token; rows after a sequence's first non-accepted row emit -1."""
+        it is the argmax. A random one accepts it with probability min(1, p(d) / q(d)), q being the proposer's
+        distribution (a draft model's; n-gram proposals are certain: q(d) = 1), else draws from max(0, p - q):
+        rejection sampling, so the output keeps exactly the target distribution. A row emits d if accepted, else
+        its own token; rows after a sequence's first non-accepted row emit -1."""
         drafts, first = m.spec
         has_draft = drafts >= 0
         d = drafts.clamp(min=0)
         tokens = argmax(logits)
         accepted = tokens == d
         if probs is not None:
-            p_d = probs.gather(1, d[:, None]).squeeze(1)
+            q = m.spec_probs if m.spec_probs is not None else torch.zeros_like(probs).scatter_(1, d[:, None], 1.0)
+            p_d, q_d = probs.gather(1, d[:, None]).squeeze(1), q.gather(1, d[:, None]).squeeze(1)
             u = torch.rand(p_d.shape, generator=self._generator(p_d.device), device=p_d.device)
-            residual = torch.where(has_draft[:, None], probs.scatter(1, d[:, None], 0.0), probs)
+            residual = torch.where(has_draft[:, None], (probs - q).clamp_(min=0), probs)
             tokens = torch.where(m.greedy, tokens, self._race(residual, m))
-            accepted = torch.where(m.greedy, accepted, u < p_d)
+            accepted = torch.where(m.greedy, accepted, u * q_d < p_d)
         accepted &= has_draft
         tokens = torch.where(accepted, d, tokens)
         stops = (~accepted).long()  # a sequence's rows end at its first row that is not an accepted proposal
