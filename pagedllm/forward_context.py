@@ -39,6 +39,7 @@ class NativeBatch:
     block_tables: torch.Tensor  # [B, W]
     query_start: torch.Tensor  # [B + 1] each sequence's first token in the flat layout, then the total
     context_lens: torch.Tensor  # [B] tokens each sequence has once this step's are written
+    max_context: int = 0  # the largest of context_lens, known on the host (no device sync to read it)
 
 
 @dataclass

@@ -107,3 +107,9 @@ def test_the_triton_backend_explains_where_it_runs(tiny_models, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA"):
         LLM(tiny_models["qwen3"], kv_cache_memory=1 << 20)
+
+
+def test_long_contexts_with_few_queries_are_split():
+    assert triton_attention.kv_splits(programs=4, max_context=4000) == 4  # keys of 500+ each, 16 programs
+    assert triton_attention.kv_splits(programs=4, max_context=600) == 1  # too short to split
+    assert triton_attention.kv_splits(programs=512, max_context=100_000) == 1  # the GPU is busy already

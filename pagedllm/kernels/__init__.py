@@ -125,14 +125,17 @@ def _triton_kernels(device: torch.device):
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    query_start: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    query_start: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                    max_context: int = 0) -> torch.Tensor:
     """Causal attention of a step's query tokens q [T, heads, D] (sequence b's are q[query_start[b]:
     query_start[b + 1]], the last of its context_lens[b] tokens) over each sequence's keys and values in
     the pool ([kv_heads, blocks, block_size, D]), found through its block table: the native CPU kernel, or
-    Triton's (GPU)."""
+    Triton's (GPU), which splits long contexts (`max_context`, known on the host) over several programs when the
+    step has few queries."""
     impl = _triton_kernels(q.device)
     if impl is not None:
-        return impl.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
+        splits = impl.kv_splits(q.shape[0] * k_cache.shape[0], max_context)
+        return impl.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale, splits)
     return torch.ops.pagedllm.paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale)
 
 

@@ -116,6 +116,15 @@ def _combine_splits(partial, m_in, l_in, out, stride_ot, stride_oh, SPLITS: tl.c
     tl.store(out + t * stride_ot + h * stride_oh + d, total.to(out.dtype.element_ty))
 
 
+def kv_splits(programs: int, max_context: int, target_programs: int = 128, min_keys: int = 512) -> int:
+    """How many programs share each tile's keys: enough to give the GPU about `target_programs` programs when a step
+    has few queries (a batch of long decodes), never fewer than `min_keys` keys each; a power of two up to 16."""
+    splits = 1
+    while splits < 16 and programs * splits < target_programs and max_context // (2 * splits) >= min_keys:
+        splits *= 2
+    return splits
+
+
 def _tiles(query_start: torch.Tensor, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence, first query of the tile) for every tile of block_q query tokens."""
     q_lens = query_start[1:] - query_start[:-1]

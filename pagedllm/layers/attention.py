@@ -39,7 +39,7 @@ class PagedAttention(nn.Module):
             n = meta.native
             reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             return paged_attention(q, self.k_cache, self.v_cache, n.block_tables, n.query_start, n.context_lens,
-                                   self.scale).view(q.shape[0], -1)
+                                   self.scale, n.max_context).view(q.shape[0], -1)
         kvh, hd = self.num_kv_heads, self.head_dim
         self.k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))

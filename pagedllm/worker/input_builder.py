@@ -36,20 +36,27 @@ class InputBuilder:
         return (torch.arange(self.kv_heads)[:, None] * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
 
     def build(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        dev, bs = self.device, self.block_size
+        bs = self.block_size
         starts, lens, tables = step.starts, step.lens, step.tables
         row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
         first = torch.cumsum(lens, 0) - lens  # first token of every row
         offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
         positions = starts[row] + offset
         slots = tables[row, positions // bs] * bs + positions % bs
-        meta = AttentionMetadata(slot_mapping=slots.to(dev))
+        meta = AttentionMetadata(slot_mapping=self._to_device(slots))
         if self.native:
-            meta.native = NativeBatch(tables.to(dev), torch.cat([first, torch.tensor([len(row)])]).to(dev),
-                                      (starts + lens).to(dev))
+            ctx = starts + lens
+            meta.native = NativeBatch(self._to_device(tables), self._to_device(torch.cat([first, torch.tensor([len(row)])])),
+                                      self._to_device(ctx), int(ctx.max()) if len(ctx) else 0)
         else:
             self._add_buckets(meta, step, row, first, offset)
-        return step.token_ids.to(dev), positions.to(dev), meta
+        return self._to_device(step.token_ids), self._to_device(positions), meta
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """On a GPU, from pinned memory without waiting for the copy (the step's kernels queue behind it)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _add_buckets(self, meta: AttentionMetadata, step: StepInputs, row: torch.Tensor, first: torch.Tensor,
                      offset: torch.Tensor) -> None:
