@@ -23,11 +23,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
 # the one table of dtype spellings: every alias -> its canonical name -> its torch dtype
-DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16", "half": "float16"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -286,6 +283,7 @@ class EngineConfig:
     load: LoadConfig
     device: torch.device
     speculative: SpeculativeConfig | None = None
+    cuda_graph_sizes: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs (empty: eager)
 
     @property
     def dtype(self) -> torch.dtype:

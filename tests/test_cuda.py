@@ -30,3 +30,19 @@ def test_cuda_sampling_with_seed_is_reproducible(tiny_models):
     a = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b and len(a) == 12
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_cuda_graphs_give_hf_tokens(tiny_models, eager):
+    """Decode steps replayed from CUDA graphs (Triton attention) against HF, batches padded to a captured size."""
+    prompts = random_prompts(5, 3, 40, seed=101)
+    hf = HFReference(tiny_models["qwen3"])
+    refs = [hf.greedy(p, 12) for p in prompts]
+    llm = LLM(tiny_models["qwen3"], dtype="float32", device="cuda", max_model_len=256, gpu_memory_utilization=0.2,
+              max_num_seqs=8, enforce_eager=eager)
+    assert (llm.engine.executor.driver.runner.graphs is None) == eager
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for out, (ref, scores) in zip(outs, refs):
+        assert_greedy_match(out.outputs[0].token_ids, ref, scores)
+    assert_pool_empty(llm)

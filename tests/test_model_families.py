@@ -102,9 +102,9 @@ def test_a_tensor_the_model_does_not_know_is_an_error(tiny_models, tmp_path):
 
 def test_vllm_engine_arguments_without_effect_warn(tiny_models, caplog):
     with caplog.at_level(logging.WARNING, logger="pagedllm"):
-        llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=64, enforce_eager=True, trust_remote_code=True,
+        llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=64, max_seq_len_to_capture=8, trust_remote_code=True,
                   swap_space=4, disable_log_stats=True, kv_cache_dtype="auto", kv_cache_memory=1 << 20)
-    assert "enforce_eager=True has no effect" in caplog.text and "swap_space=4 has no effect" in caplog.text
+    assert "max_seq_len_to_capture=8 has no effect" in caplog.text and "swap_space=4 has no effect" in caplog.text
     llm.shutdown()
     with pytest.raises(ValueError, match="unknown engine argument"):
         LLM(tiny_models["qwen3"], enable_lora=True)

@@ -113,3 +113,19 @@ def test_long_contexts_with_few_queries_are_split():
     assert triton_attention.kv_splits(programs=4, max_context=4000) == 4  # keys of 500+ each, 16 programs
     assert triton_attention.kv_splits(programs=4, max_context=600) == 1  # too short to split
     assert triton_attention.kv_splits(programs=512, max_context=100_000) == 1  # the GPU is busy already
+
+
+def test_padded_rows_write_nothing():
+    """A CUDA graph's padded rows carry slot -1."""
+    k_cache, v_cache = (torch.zeros(1, 2, 16, 16, device=DEVICE) for _ in range(2))
+    key = torch.ones(2, 1, 16, device=DEVICE)
+    triton_attention.reshape_and_cache(key, key, k_cache, v_cache, torch.tensor([5, -1], device=DEVICE))
+    assert int((k_cache != 0).any(-1).sum()) == 1 and bool((k_cache[0, 0, 5] == 1).all())
+
+
+def test_cuda_graph_sizes_follow_vllm_and_stay_off_elsewhere(tiny_models):
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.worker.cuda_graphs import graph_sizes
+
+    assert graph_sizes(20) == (1, 2, 4, 8, 16, 20) and graph_sizes(3) == (1, 2, 3)
+    assert EngineArgs(model=tiny_models["qwen3"], device="cpu").create_engine_config().cuda_graph_sizes == ()

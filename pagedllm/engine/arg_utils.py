@@ -25,6 +25,7 @@ from pagedllm.model_loader.resolve import resolve_model
 from pagedllm.platform import resolve_device
 from pagedllm.quant_config import CHECKPOINT_METHODS, QUANTIZATION_METHODS, RTN_SCHEMES
 from pagedllm.spec_config import SpeculativeConfig
+from pagedllm.worker.cuda_graphs import graph_sizes
 
 logger = logging.getLogger("pagedllm")
 
@@ -32,7 +33,6 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 # vLLM engine arguments that scripts commonly pass and that change nothing here: accepted with a warning
 NO_EFFECT_ARGS = {
-    "enforce_eager": "there are no CUDA graphs to turn off yet",
     "trust_remote_code": "pagedllm runs its own model code, never a checkpoint's",
     "swap_space": "preemption recomputes instead of swapping to the CPU",
     "cpu_offload_gb": "weights are not offloaded",
@@ -43,7 +43,7 @@ NO_EFFECT_ARGS = {
     "tokenizer_revision": "nothing is downloaded",
     "code_revision": "nothing is downloaded",
     "download_dir": "nothing is downloaded",
-    "max_seq_len_to_capture": "there are no CUDA graphs yet",
+    "max_seq_len_to_capture": "CUDA graphs cover decode steps, whatever their context length",
     "disable_custom_all_reduce": "all-reduces are torch.distributed's",
     "distributed_executor_backend": "workers are always processes (spawned or torchrun)",
     "max_parallel_loading_workers": "each rank loads its own shard",
@@ -93,6 +93,8 @@ class EngineArgs:
     override_generation_config: dict | None = None  # e.g. {"temperature": 0.5}, over the above
     max_logprobs: int = 20
     speculative_config: dict | str | None = None  # vLLM's: {"method": "ngram", "num_speculative_tokens": 3, ...}
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    cuda_graph_sizes: list[int] | None = None  # decode batch sizes to capture (default: 1, 2, 4, 8, 16, ... max_num_seqs)
     attention_backend: str | None = None  # kernels.ATTENTION_BACKENDS; sets PAGEDLLM_ATTENTION_BACKEND for every process
 
     @classmethod
@@ -165,7 +167,18 @@ class EngineArgs:
             load=LoadConfig(self.model, model_path, self.tokenizer, self.load_format, quantization, self.seed),
             device=resolve_device(self.device),
             speculative=speculative,
+            cuda_graph_sizes=self._cuda_graph_sizes(model_config, parallel),
         )
+
+    def _cuda_graph_sizes(self, model: ModelConfig, parallel: ParallelConfig) -> tuple[int, ...]:
+        """Decode batch sizes to capture: on one CUDA device, for dense models (a MoE layer syncs with the host to
+        group its tokens by expert), unless enforce_eager."""
+        if self.enforce_eager or resolve_device(self.device).type != "cuda" or parallel.world_size > 1 or model.num_experts:
+            return ()
+        sizes = tuple(sorted(set(self.cuda_graph_sizes))) if self.cuda_graph_sizes else graph_sizes(self.max_num_seqs)
+        if any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"cuda_graph_sizes must be positive integers, got {self.cuda_graph_sizes!r}")
+        return sizes
 
     def _quantization(self, model_config: ModelConfig) -> str | None:
         """A quantized checkpoint runs in its own quantization (as vLLM detects the method), unless another

@@ -73,6 +73,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--override-generation-config", type=_json_object, default=None,
                    help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
     g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="decode batch sizes captured as CUDA graphs (default: 1 2 4 8 16 ... --max-num-seqs)")
     g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
                    help="auto: Triton on CUDA, the native kernel on the CPU; triton on the CPU needs TRITON_INTERPRET=1 "
                         "(testing); torch: plain torch ops (default: $PAGEDLLM_ATTENTION_BACKEND or auto)")
@@ -82,7 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     compat = p.add_argument_group("vLLM flags accepted for compatibility (no effect here; a warning says why)")
     for name in NO_EFFECT_ARGS:
         flag = "--" + name.replace("_", "-")
-        if name in ("enforce_eager", "trust_remote_code", "disable_log_stats", "disable_log_requests",
+        if name in ("trust_remote_code", "disable_log_stats", "disable_log_requests",
                     "disable_custom_all_reduce"):
             compat.add_argument(flag, action="store_true", help=NO_EFFECT_ARGS[name])
         else:

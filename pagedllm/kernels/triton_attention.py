@@ -28,9 +28,10 @@ def _reshape_and_cache(key, value, k_cache, v_cache, slots, stride_kt, stride_kh
     t, h = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slots + t)
     d = tl.arange(0, HEAD_DIM)
+    keep = d * 0 + slot >= 0  # slot -1: a padded row of a CUDA graph's batch, nothing to write
     dst = h * stride_ch + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + d
-    tl.store(k_cache + dst, tl.load(key + t * stride_kt + h * stride_kh + d))
-    tl.store(v_cache + dst, tl.load(value + t * stride_kt + h * stride_kh + d))
+    tl.store(k_cache + dst, tl.load(key + t * stride_kt + h * stride_kh + d), mask=keep)
+    tl.store(v_cache + dst, tl.load(value + t * stride_kt + h * stride_kh + d), mask=keep)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -125,8 +126,12 @@ def kv_splits(programs: int, max_context: int, target_programs: int = 128, min_k
     return splits
 
 
-def _tiles(query_start: torch.Tensor, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first query of the tile) for every tile of block_q query tokens."""
+def _tiles(query_start: torch.Tensor, block_q: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first query of the tile) for every tile of block_q query tokens. A batch of decodes (as many
+    tokens as sequences) is known from the shapes alone: no wait for the device (CUDA graphs capture it)."""
+    if num_tokens == len(query_start) - 1:
+        seq = torch.arange(num_tokens, dtype=torch.int32, device=query_start.device)
+        return seq, torch.zeros_like(seq)
     q_lens = query_start[1:] - query_start[:-1]
     counts = (q_lens + block_q - 1) // block_q
     seq = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), counts)
@@ -151,7 +156,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     if t == 0:
         return out
-    tile_seq, tile_q0 = _tiles(query_start, block_q)
+    tile_seq, tile_q0 = _tiles(query_start, block_q, t)
     common = dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_SIZE=block_size, HEAD_DIM=d, SPLITS=splits,
                   DOT_FP32=q.dtype == torch.float32 or INTERPRETED)
     grid = (len(tile_seq), kv_heads, splits)

@@ -13,6 +13,7 @@ from pagedllm.model_loader.weights import build_model
 from pagedllm.models.decoder import Stage
 from pagedllm.platform import advise_huge_pages, move_to_huge_pages
 from pagedllm.step import PromptLogprobs, StepInputs
+from pagedllm.worker.cuda_graphs import CudaGraphs
 from pagedllm.worker.input_builder import InputBuilder
 
 
@@ -26,6 +27,7 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.kv_cache: torch.Tensor | None = None
         self.inputs: InputBuilder | None = None
+        self.graphs: CudaGraphs | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -47,9 +49,13 @@ class ModelRunner:
         self.inputs = InputBuilder(block_size, attn.num_kv_heads, num_blocks, self.device, native)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        if self.config.cuda_graph_sizes and native and self.device.type == "cuda":  # the graphs read this pool
+            max_blocks = -(-self.config.max_model_len // block_size)
+            with torch.inference_mode():
+                self.graphs = CudaGraphs(self.model, self.config.cuda_graph_sizes, max_blocks, self.device)
 
     def free_kv_cache(self) -> None:
-        self.kv_cache, self.inputs = None, None
+        self.kv_cache, self.inputs, self.graphs = None, None, None
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
 
@@ -64,6 +70,8 @@ class ModelRunner:
         if len(step.copies):
             self.copy_blocks(step.copies)
         input_ids, positions, meta = self.inputs.build(step)
+        if self.graphs is not None and self.graphs.covers(step):
+            return self.graphs.run(step, meta.slot_mapping)
         with attention_metadata(meta):
             return self.model(input_ids, positions, hidden, residual)
 
