@@ -14,6 +14,8 @@
 #include "ops.h"
 #include "quant_gemv.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -158,9 +160,18 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
 at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
                       int64_t k, at::ScalarType dtype) {
   static thread_local at::Tensor scratch;
+  constexpr int64_t kHugePage = 2 << 20;
   const int64_t nbytes = weight.size(0) * k * static_cast<int64_t>(c10::elementSize(dtype));
-  if (!scratch.defined() || scratch.numel() < nbytes) scratch = at::empty({nbytes}, weight.options().dtype(at::kByte));
-  auto out = scratch.narrow(0, 0, nbytes).view(dtype).view({weight.size(0), k});
+  if (!scratch.defined() || scratch.numel() < nbytes + kHugePage) {
+    scratch = at::empty({nbytes + kHugePage}, weight.options().dtype(at::kByte));
+    // on 2 MiB pages, as the weights it stands in for (platform.move_to_huge_pages): the LM head's 56 MB read with
+    // 4 KiB pages costs a TLB miss every few rows
+    const auto base = reinterpret_cast<uintptr_t>(scratch.data_ptr());
+    madvise(reinterpret_cast<void*>((base + kHugePage - 1) & ~(kHugePage - 1)), nbytes, MADV_HUGEPAGE);
+  }
+  const int64_t aligned = ((reinterpret_cast<uintptr_t>(scratch.data_ptr()) + kHugePage - 1) & ~(kHugePage - 1)) -
+                          reinterpret_cast<uintptr_t>(scratch.data_ptr());
+  auto out = scratch.narrow(0, aligned, nbytes).view(dtype).view({weight.size(0), k});
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
     if (weight.scalar_type() == at::kChar) {
       dequantize_rows<scalar_t, int8_t>(quant_weight<int8_t>(weight, scale, offset, k), out.data_ptr<scalar_t>(),
