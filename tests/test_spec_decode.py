@@ -112,6 +112,33 @@ def test_rejection_sampling_against_a_draft_distribution():
     assert abs(accepted - torch.minimum(p, q).sum()) < 0.01
 
 
+def test_sampling_through_the_engine_keeps_the_target_distribution(tiny_models):
+    """Temperature 0.3 on the tiny Qwen3, 1,000 samples with and without a draft model (the tiny Llama, whose
+    proposals the target mostly rejects: the residual max(0, p - q) does the sampling): the tokens after the first
+    keep their frequencies within 5 standard deviations."""
+    import collections
+
+    prompt = random_prompts(1, 8, 9, seed=4)[0] * 3
+    params = SamplingParams(temperature=0.3, max_tokens=3, ignore_eos=True, n=250)
+    spec = {"method": "draft_model", "model": tiny_models["llama"], "num_speculative_tokens": 2,
+            "disable_by_batch_size": 4096}
+    samples = {}
+    for name, config in (("target", None), ("speculative", spec)):
+        llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=64, kv_cache_memory=16 << 20, max_num_seqs=512,
+                  speculative_config=config)
+        outs = llm.generate([{"prompt_token_ids": prompt}] * 4, params, use_tqdm=False)
+        samples[name] = [c.token_ids for o in outs for c in o.outputs]
+        if config:
+            assert llm.engine.stats()[0][1].spec_decode_num_drafts > 500
+        llm.shutdown()
+    for pos in (1, 2):
+        want = collections.Counter(t[pos] for t in samples["target"])
+        got = collections.Counter(t[pos] for t in samples["speculative"])
+        for token, count in want.most_common(3):
+            p = count / 1000
+            assert abs(got[token] - count) / 1000 < 5 * (2 * p * (1 - p) / 1000) ** 0.5 + 1e-3, (pos, token, count, got[token])
+
+
 def _rows(drafts: list[int], logits: torch.Tensor, greedy: bool, groups: int):
     """SamplingMetadata for `groups` copies of one speculating sequence (rows: its proposals, then the last)."""
     from pagedllm.step import SamplingMetadata
