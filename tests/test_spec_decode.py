@@ -77,6 +77,19 @@ def test_a_draft_model_gives_the_same_greedy_output(tiny_models, name):
             assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens
 
 
+def test_a_draft_models_pool_shares_the_kv_budget(tiny_models):
+    budget = 2 << 20
+    alone = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=256, kv_cache_memory=budget)
+    blocks_alone = alone.engine.block_manager.num_blocks
+    alone.shutdown()
+    llm = LLM(tiny_models["qwen3"], dtype="float32", max_model_len=256, kv_cache_memory=budget,
+              speculative_config={"method": "draft_model", "model": tiny_models["llama"]})
+    target = llm.engine.executor.driver.runner.kv_cache_bytes
+    draft = llm.engine.speculator.draft.executor.driver.runner.kv_cache_bytes
+    assert target + draft <= budget and llm.engine.block_manager.num_blocks == blocks_alone // 2  # equal KV shapes
+    llm.shutdown()
+
+
 def test_stops_and_max_tokens_end_inside_an_accepted_run(tiny_models):
     prompts = _repetitive(3, seed=22)
     base, _, _ = _generate(tiny_models["qwen3"], prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))

@@ -18,6 +18,7 @@ from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.sampling_metadata import build_sampling_metadata
 from pagedllm.engine.sequence import Sequence
 from pagedllm.executor.uniproc import UniProcExecutor
+from pagedllm.memory.kv_sizing import kv_bytes_per_token
 from pagedllm.memory.units import format_bytes
 from pagedllm.step import StepInputs
 
@@ -25,7 +26,7 @@ logger = logging.getLogger("pagedllm")
 
 
 class DraftProposer:
-    def __init__(self, config: EngineConfig, num_blocks: int, eos_ids: tuple[int, ...]):
+    def __init__(self, config: EngineConfig, eos_ids: tuple[int, ...]):
         # the draft runs in its checkpoint's own dtype or quantization (a GGUF file natively): only token ids and
         # its fp32 distributions meet the target's
         args = EngineArgs(model=config.speculative.model, max_model_len=config.max_model_len,
@@ -37,11 +38,17 @@ class DraftProposer:
             raise ValueError(f"the draft model's vocabulary ({self.config.model.vocab_size} tokens) differs from the "
                              f"target's ({config.model.vocab_size}): proposals must be the target's token ids")
         self.executor = UniProcExecutor(self.config)
-        pool = self.executor.allocate_kv_cache(num_blocks)[0]
-        logger.info("draft model %s: weights %s, its KV pool %s (%d blocks, beside the target's)",
-                    self.config.model.name or config.speculative.model, format_bytes(self.executor.weight_bytes()[0]),
-                    format_bytes(pool), num_blocks)
         self.vocab_size, self.eos_ids = config.model.vocab_size, eos_ids
+        self.name = self.config.model.name or config.speculative.model
+        draft = self.config
+        self.kv_bytes_per_token = kv_bytes_per_token(draft.model, draft.cache.cache_dtype.itemsize, 1,
+                                                     draft.model.num_layers)
+
+    def allocate(self, num_blocks: int) -> None:
+        """Its KV pool: as many blocks as the target's (the engine sized both together)."""
+        pool = self.executor.allocate_kv_cache(num_blocks)[0]
+        logger.info("draft model %s: weights %s, KV pool %s (%d blocks, beside the target's)", self.name,
+                    format_bytes(self.executor.weight_bytes()[0]), format_bytes(pool), num_blocks)
 
     def propose(self, seqs: list[Sequence], copies: list[tuple[int, int]]) -> dict[Sequence, torch.Tensor]:
         """Fill each sequence's spec_token_ids (placeholders, as many as it was scheduled for) with the draft's

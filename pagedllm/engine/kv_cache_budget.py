@@ -34,16 +34,20 @@ def profile_step(config: EngineConfig) -> tuple[StepInputs, int]:
     return step, first
 
 
-def determine_num_blocks(config: EngineConfig, executor: Executor) -> int:
+def determine_num_blocks(config: EngineConfig, executor: Executor, draft_bytes_per_token: int = 0) -> int:
+    """`draft_bytes_per_token`: a draft model's KV per token; its pool has as many blocks as the target's and
+    shares the budget with it."""
     cache, par, max_len = config.cache, config.parallel, config.max_model_len
     layers = max(end - start for start, end in par.stage_layers(config.model.num_layers))
-    per_token = kv_bytes_per_token(config.model, cache.cache_dtype.itemsize, par.tensor_parallel_size, layers)
+    target_per_token = kv_bytes_per_token(config.model, cache.cache_dtype.itemsize, par.tensor_parallel_size, layers)
+    per_token = target_per_token + draft_bytes_per_token
     per_block = per_token * cache.block_size
     weights = max(executor.weight_bytes())
     if cache.num_gpu_blocks_override is not None:
         num_blocks, source = cache.num_gpu_blocks_override, "--num-gpu-blocks-override"
     elif config.device.type == "cuda":
-        peak, num_blocks = executor.profile(*profile_step(config))
+        peak, num_blocks = executor.profile(*profile_step(config))  # blocks of the target's pool alone
+        num_blocks = num_blocks * target_per_token // per_token
         source = (f"each device's memory x {cache.gpu_memory_utilization} - weights - peak activations "
                   f"{format_bytes(peak)} (profiled), the fewest over {par.world_size} rank(s)")
     else:
@@ -52,10 +56,11 @@ def determine_num_blocks(config: EngineConfig, executor: Executor) -> int:
         source = "--kv-cache-memory" if cache.kv_cache_memory else \
             "CPU default: min(4 GiB, 40% of free RAM, what max_num_seqs x max_model_len need)"
     tokens = num_blocks * cache.block_size
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %s (%s per token; weights %s; from %s); "
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %s (%s per token%s; weights %s; from %s); "
                 "max concurrency at max_model_len %d: %.2f", num_blocks, cache.block_size, tokens,
-                format_bytes(num_blocks * per_block), format_bytes(per_token), format_bytes(weights), source,
-                max_len, tokens / max_len)
+                format_bytes(num_blocks * per_block), format_bytes(per_token),
+                f", of which the draft model's {format_bytes(draft_bytes_per_token)}" if draft_bytes_per_token else "",
+                format_bytes(weights), source, max_len, tokens / max_len)
     if tokens < max_len:
         need = -(-max_len // cache.block_size)
         if cache.num_gpu_blocks_override is not None:

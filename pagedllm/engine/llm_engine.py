@@ -80,9 +80,13 @@ class LLMEngine:
                         dict(config.model.sampling_defaults))
         self.executor: Executor = (MultiprocExecutor if config.parallel.world_size > 1 else UniProcExecutor)(config)
         try:
-            num_blocks = determine_num_blocks(config, self.executor)
+            # a draft model loads first: its weights are in use when the target's pool is sized, its pool shares the budget
+            self.speculator = Speculator(config, self.processor.eos_token_ids) if config.speculative else None
+            num_blocks = determine_num_blocks(config, self.executor,
+                                              self.speculator.kv_bytes_per_token if self.speculator else 0)
             self.executor.allocate_kv_cache(num_blocks)
-            self.speculator = Speculator(config, num_blocks, self.processor.eos_token_ids) if config.speculative else None
+            if self.speculator:
+                self.speculator.allocate(num_blocks)
         except BaseException:
             self.executor.shutdown()
             raise

@@ -73,11 +73,20 @@ class Speculator:
     draft model's, which it fills once the step's blocks are allocated), the draft's distributions for the
     sampler, and the accounting after verification."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int, eos_ids: tuple[int, ...]):
+    def __init__(self, config: EngineConfig, eos_ids: tuple[int, ...]):
         self.config, self.max_model_len = config.speculative, config.max_model_len
         self.vocab_size = config.model.vocab_size
         self.stats = SpecDecodeStats()
-        self.draft = DraftProposer(config, num_blocks, eos_ids) if self.config.method == "draft_model" else None
+        self.draft = DraftProposer(config, eos_ids) if self.config.method == "draft_model" else None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """What a draft model's KV pool adds per token (0 for n-gram proposals)."""
+        return self.draft.kv_bytes_per_token if self.draft is not None else 0
+
+    def allocate(self, num_blocks: int) -> None:
+        if self.draft is not None:
+            self.draft.allocate(num_blocks)
 
     def prepare(self, running: list[Sequence]) -> None:
         """Set spec_token_ids on the decoding sequences that may speculate this step (none when more than
