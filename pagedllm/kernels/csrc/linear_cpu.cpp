@@ -166,8 +166,10 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
     scratch = at::empty({nbytes + kHugePage}, weight.options().dtype(at::kByte));
     // on 2 MiB pages, as the weights it stands in for (platform.move_to_huge_pages): the LM head's 56 MB read with
     // 4 KiB pages costs a TLB miss every few rows
+#if defined(MADV_HUGEPAGE)
     const auto base = reinterpret_cast<uintptr_t>(scratch.data_ptr());
     madvise(reinterpret_cast<void*>((base + kHugePage - 1) & ~(kHugePage - 1)), nbytes, MADV_HUGEPAGE);
+#endif
   }
   const int64_t aligned = ((reinterpret_cast<uintptr_t>(scratch.data_ptr()) + kHugePage - 1) & ~(kHugePage - 1)) -
                           reinterpret_cast<uintptr_t>(scratch.data_ptr());
