@@ -250,7 +250,9 @@ def test_metrics_exposed(server, client):
                  "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_count",
                  "vllm:e2e_request_latency_seconds_sum", "vllm:request_queue_time_seconds_bucket",
                  "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_sum",
-                 "vllm:request_generation_tokens_bucket", "vllm:request_success_total"):
+                 "vllm:request_generation_tokens_bucket", "vllm:request_success_total",
+                 "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total"):
         assert name in text, name
     assert _metric(base, "vllm:generation_tokens_total") > 0
     assert _metric(base, "vllm:request_prompt_tokens_count") > 0
