@@ -12,6 +12,7 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HAND_MEASURED = "<!-- measured by hand: report.py keeps everything from here on -->"
 
 
 def _load() -> dict[str, dict]:
@@ -114,8 +115,14 @@ def main() -> None:
               "produced it. Machine: 2 cores of an AMD EPYC (AVX-512 with BF16 dot products; no AMX), torch 2.13 CPU "
               "build; the embedded SmolLM2-135M-Instruct in bf16 unless a run's name says otherwise (qwen3_0.6b_dummy: "
               "Qwen3-0.6B shapes with random weights, `--load-format dummy`).", ""]
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write("\n".join(header + _tables(results) + _plots(results)))
+    path = os.path.join(HERE, "RESULTS.md")
+    # the sections measured by hand (alternating runs in one sitting) follow the marker; regenerating keeps them
+    kept = ""
+    if os.path.exists(path):
+        text = open(path).read()
+        kept = text[text.index(HAND_MEASURED):] if HAND_MEASURED in text else ""
+    with open(path, "w") as f:
+        f.write("\n".join(header + _tables(results) + _plots(results)) + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":
