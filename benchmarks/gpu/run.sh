@@ -3,7 +3,8 @@
 # nothing is downloaded or installed): the CUDA tests and the Triton kernels' tests natively, then W1 scaled up as
 # nano-vllm's benchmark (256 requests, prompts and outputs of 100-1,024 tokens, Qwen3-0.6B-shaped random weights) on
 # the Triton attention backend (the CUDA default) and on the torch one, then one request against HF.
-# Each step has its own time limit, so one that hangs still leaves the others' results.
+# Each step has its own time limit (490 s in all, inside the device tool's 600 s per call), so one that hangs still
+# leaves the others' results.
 # Prepare with benchmarks/gpu/prepare.sh. Results go to $OUT (the device tool's) or benchmarks/results/gpu.
 # GPU_DRY_RUN=1 runs the same steps on the CPU with tiny sizes, to check the script itself.
 set -uo pipefail
@@ -21,10 +22,10 @@ fi
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
 B="$PY -m pagedllm.entrypoints.cli bench"
 M="--model qwen3-0.6b --load-format dummy --device $DEV --max-model-len 2048"
-timeout 150 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log"
-timeout 200 $B throughput $M --num-prompts $N --input-len $LEN --output-len $LEN \
+timeout 120 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log"
+timeout 150 $B throughput $M --num-prompts $N --input-len $LEN --output-len $LEN \
   --output-json "$OUT/throughput_w1_scaled_qwen3_0.6b.json" 2>&1 | grep -v "it/s" | tee "$OUT/throughput.log"
-[ "${GPU_DRY_RUN:-0}" = 1 ] || PAGEDLLM_ATTENTION_BACKEND=torch timeout 150 $B throughput $M --num-prompts $N \
+[ "${GPU_DRY_RUN:-0}" = 1 ] || PAGEDLLM_ATTENTION_BACKEND=torch timeout 120 $B throughput $M --num-prompts $N \
   --input-len $LEN --output-len $LEN --output-json "$OUT/throughput_w1_scaled_qwen3_0.6b_torch_attention.json" 2>&1 \
   | grep -v "it/s" | tee "$OUT/throughput_torch_attention.log"
-timeout 120 $B latency $M --compare hf --output-json "$OUT/latency_qwen3_0.6b.json" 2>&1 | tee "$OUT/latency.log"
+timeout 100 $B latency $M --compare hf --output-json "$OUT/latency_qwen3_0.6b.json" 2>&1 | tee "$OUT/latency.log"
