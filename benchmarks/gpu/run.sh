@@ -9,7 +9,8 @@
 # GPU_DRY_RUN=1 runs the same steps on the CPU with tiny sizes, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-benchmarks/results/gpu}
+# a dry run's CPU numbers go to a temporary folder, never among the results
+OUT=${OUT:-$([ "${GPU_DRY_RUN:-0}" = 1 ] && mktemp -d || echo benchmarks/results/gpu)}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PAGEDLLM_CACHE=/tmp/pagedllm-cache PAGEDLLM_TEST_TOKENIZER=$PWD/.gpu/tokenizer
 PY=${PY:-python3}
