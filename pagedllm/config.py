@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -75,11 +76,7 @@ def partition_layers(num_layers: int, pp: int, partition: tuple[int, ...] | list
         if pp > num_layers:
             raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers")
         sizes = [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
-    bounds, start = [], 0
-    for n in sizes:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
+    return [(end - n, end) for n, end in zip(sizes, itertools.accumulate(sizes))]
 
 
 @dataclass(frozen=True)
@@ -121,15 +118,19 @@ class ModelConfig:
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @functools.cached_property
+    def quant(self) -> dict:
+        """The checkpoint's quantization_config ({} for float weights), parsed once."""
+        return json.loads(self.quantization_config) if self.quantization_config else {}
+
+    @functools.cached_property
     def quant_formats(self) -> dict[str, QuantFormat]:
         """A quantized checkpoint's format per layer, by its checkpoint module name (empty for float checkpoints)."""
-        quant = json.loads(self.quantization_config) if self.quantization_config else {}
-        return checkpoint_formats(quant, self.num_layers, self.tie_word_embeddings, self.num_experts > 0)
+        return checkpoint_formats(self.quant, self.num_layers, self.tie_word_embeddings, self.num_experts > 0)
 
     @property
     def quant_method(self) -> str | None:
         """How the checkpoint's weights are quantized (quant_config.CHECKPOINT_METHODS), None for float weights."""
-        return json.loads(self.quantization_config)["quant_method"] if self.quantization_config else None
+        return self.quant.get("quant_method")
 
     @property
     def max_context(self) -> int:

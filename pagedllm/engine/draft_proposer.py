@@ -40,9 +40,7 @@ class DraftProposer:
         self.executor = UniProcExecutor(self.config)
         self.vocab_size, self.eos_ids = config.model.vocab_size, eos_ids
         self.name = self.config.model.name or config.speculative.model
-        draft = self.config
-        self.kv_bytes_per_token = kv_bytes_per_token(draft.model, draft.cache.cache_dtype.itemsize, 1,
-                                                     draft.model.num_layers)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.config.model, self.config.cache.cache_dtype.itemsize)
 
     def allocate(self, num_blocks: int) -> None:
         """Its KV pool: as many blocks as the target's (the engine sized both together)."""

@@ -1,8 +1,7 @@
 """Native CPU kernels (paged attention; fused RMSNorm, rotary embedding, SwiGLU; linear layers with a
 memory-speed GEMV for decode batches; a stack of decoder layers in one call), and Triton's attention kernels for
-the GPU (triton_attention.py). The CPU ones are
-C++ built once with the machine's compiler on first use (a few seconds), cached under
-~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
+the GPU (triton_attention.py). The CPU ones are C++ built once with the machine's compiler on first use (a few
+seconds), cached under ~/.cache/pagedllm/kernels, and loaded as torch operators (`torch.ops.pagedllm.*`).
 
 Everything here has a pure-torch fallback: with no compiler, or PAGEDLLM_ATTENTION_BACKEND=torch,
 the engine computes the same layers with torch ops (slower: attention gathers each sequence's history,
@@ -169,8 +168,8 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias); quantized weights (int8 [N, K] or 4-bit [N, K / 2]) come with fp16 group
-    scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows stream the weights at memory
-    speed; more go to torch's matmul."""
+    scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows (8 for 4-bit weights) stream
+    the weights at memory speed; more go to torch's matmul."""
     return torch.ops.pagedllm.linear(x, weight, bias, scale, offset)
 
 

@@ -74,6 +74,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+def _probs(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
+    """The rows' sampling distributions: temperature, then top-k / top-p / min-p."""
+    return apply_top_k_top_p_min_p(logits / m.temperature.unsqueeze(1), m).softmax(-1)
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator: torch.Generator | None = None
@@ -89,7 +94,7 @@ class Sampler:
             logits = apply_penalties(logits, m)
         if m.banned is not None:
             logits[m.banned] = float("-inf")
-        probs = None if m.all_greedy else apply_top_k_top_p_min_p(logits / m.temperature.unsqueeze(1), m).softmax(-1)
+        probs = None if m.all_greedy else _probs(logits, m)
         if m.spec is not None:
             tokens = self._verify(logits, probs, m)
         else:
@@ -117,7 +122,7 @@ class Sampler:
         tokens = argmax(logits)
         if m.all_greedy:
             return tokens, None
-        q = apply_top_k_top_p_min_p(logits.float() / m.temperature.unsqueeze(1), m).softmax(-1)
+        q = _probs(logits.float(), m)
         return torch.where(m.greedy, tokens, self._race(q, m)), q
 
     def _verify(self, logits: torch.Tensor, probs: torch.Tensor | None, m: SamplingMetadata) -> torch.Tensor:

@@ -12,17 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
-from pagedllm.quant_config import CHECKPOINT_METHODS, RTN_SCHEMES, QuantFormat
+from pagedllm.quant_config import CHECKPOINT_METHODS, LAYER_LINEARS, RTN_SCHEMES, QuantFormat
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; a checkpoint's
 # own method, CHECKPOINT_METHODS: the formats its quantization_config gives per layer)
 WEIGHT_DTYPES = (*FLOAT_BYTES, *RTN_SCHEMES)
 # where each tensor of tensor_specs lives in the checkpoint (a layer's under model.layers.<i>.)
-_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-            "down_proj": "mlp.down_proj", "router": "mlp.gate", "embed_tokens": "model.embed_tokens",
-            "lm_head": "lm_head", "lm_head (tied copy)": "model.embed_tokens"}
+_MODULES = {**{m.rsplit(".", 1)[1]: m for m in LAYER_LINEARS}, "router": "mlp.gate",
+            "embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "lm_head (tied copy)": "model.embed_tokens"}
 
 
 def weight_dtype_name(config: EngineConfig) -> str:

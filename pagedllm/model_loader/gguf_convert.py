@@ -107,8 +107,6 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-
-
 def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
     """One GGUF tensor in HF layout: grouped-quantized where its type allows, else fp32."""
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first

@@ -84,8 +84,7 @@ def load_weights(model: DecoderForCausalLM, folder: str, dequantize_to: torch.dt
         for path in _safetensors_files(folder):
             f = stack.enter_context(safe_open(path, framework="pt"))
             files.update(dict.fromkeys(f.keys(), f))
-        quant = json.loads(model.config.quantization_config) if model.config.quantization_config else {}
-        for name, tensor in _tensors(files, quant, dequantize_to):
+        for name, tensor in _tensors(files, model.config.quant, dequantize_to):
             if tied and name.startswith("lm_head."):
                 continue
             target, shard_id = model.checkpoint_target(name)

@@ -59,16 +59,16 @@ class CudaGraphs:
         b = len(step.lens)
         return len(step.token_ids) == b <= self.sizes[-1] and step.tables.shape[1] <= self.tables.shape[1]
 
-    def run(self, step: StepInputs, slots: torch.Tensor) -> torch.Tensor:
-        """The hidden states of a covered step (`slots`: where its K/V go, as the input builder computed them)."""
-        b = len(step.lens)
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The hidden states of a covered step, from the inputs the input builder already put on the device."""
+        b, batch = len(input_ids), meta.native
         size = self.sizes[bisect.bisect_left(self.sizes, b)]
-        self.ids[:b].copy_(step.token_ids, non_blocking=True)
-        self.positions[:b].copy_(step.starts, non_blocking=True)
-        self.context[:b].copy_(step.starts + 1, non_blocking=True)
+        self.ids[:b].copy_(input_ids, non_blocking=True)
+        self.positions[:b].copy_(positions, non_blocking=True)
+        self.context[:b].copy_(batch.context_lens, non_blocking=True)
         self.context[b:size].zero_()
-        self.slots[:b].copy_(slots, non_blocking=True)
+        self.slots[:b].copy_(meta.slot_mapping, non_blocking=True)
         self.slots[b:size].fill_(-1)
-        self.tables[:b, :step.tables.shape[1]].copy_(step.tables, non_blocking=True)
+        self.tables[:b, :batch.block_tables.shape[1]].copy_(batch.block_tables, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:b]

@@ -71,7 +71,7 @@ class ModelRunner:
             self.copy_blocks(step.copies)
         input_ids, positions, meta = self.inputs.build(step)
         if self.graphs is not None and self.graphs.covers(step):
-            return self.graphs.run(step, meta.slot_mapping)
+            return self.graphs.run(input_ids, positions, meta)
         with attention_metadata(meta):
             return self.model(input_ids, positions, hidden, residual)
 

@@ -162,17 +162,15 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
   static thread_local at::Tensor scratch;
   constexpr int64_t kHugePage = 2 << 20;
   const int64_t nbytes = weight.size(0) * k * static_cast<int64_t>(c10::elementSize(dtype));
-  if (!scratch.defined() || scratch.numel() < nbytes + kHugePage) {
-    scratch = at::empty({nbytes + kHugePage}, weight.options().dtype(at::kByte));
-    // on 2 MiB pages, as the weights it stands in for (platform.move_to_huge_pages): the LM head's 56 MB read with
-    // 4 KiB pages costs a TLB miss every few rows
+  const bool fresh = !scratch.defined() || scratch.numel() < nbytes + kHugePage;
+  if (fresh) scratch = at::empty({nbytes + kHugePage}, weight.options().dtype(at::kByte));
+  const auto base = reinterpret_cast<uintptr_t>(scratch.data_ptr());
+  const int64_t aligned = static_cast<int64_t>(((base + kHugePage - 1) & ~(kHugePage - 1)) - base);
 #if defined(MADV_HUGEPAGE)
-    const auto base = reinterpret_cast<uintptr_t>(scratch.data_ptr());
-    madvise(reinterpret_cast<void*>((base + kHugePage - 1) & ~(kHugePage - 1)), nbytes, MADV_HUGEPAGE);
+  // on 2 MiB pages, as the weights it stands in for (platform.move_to_huge_pages): the LM head's 56 MB read with
+  // 4 KiB pages costs a TLB miss every few rows
+  if (fresh) madvise(scratch.data_ptr<uint8_t>() + aligned, nbytes, MADV_HUGEPAGE);
 #endif
-  }
-  const int64_t aligned = ((reinterpret_cast<uintptr_t>(scratch.data_ptr()) + kHugePage - 1) & ~(kHugePage - 1)) -
-                          reinterpret_cast<uintptr_t>(scratch.data_ptr());
   auto out = scratch.narrow(0, aligned, nbytes).view(dtype).view({weight.size(0), k});
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
     if (weight.scalar_type() == at::kChar) {
@@ -192,9 +190,10 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
 namespace pagedllm {
 
 // x: [M, K]; weight: [N, K] in x's dtype, or quantized: int8 [N, K] or 4-bit uint8 [N, K / 2] with fp16 scale
-// [N, groups] and optionally offset [N, groups]; bias: [N] or none. Returns [M, N]. Up to kMaxRows rows stream
-// the weights through the GEMVs above; more rows are a matrix product (oneDNN): per-row int8 weights through
-// torch's int8-weight kernel up to kInt8KernelRows rows, other quantized weights dequantized once per call.
+// [N, groups] and optionally offset [N, groups]; bias: [N] or none. Returns [M, N]. Up to kMaxRows rows
+// (kMaxQuantRows for 4-bit weights) stream the weights through the GEMVs above; more rows are a matrix product
+// (oneDNN): per-row int8 weights through torch's int8-weight kernel up to kInt8KernelRows rows, other quantized
+// weights dequantized once per call.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2, "linear: x [M, K] and weight [N, *] on the CPU");
