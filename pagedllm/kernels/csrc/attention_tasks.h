@@ -18,6 +18,9 @@ constexpr int64_t kRowBlock = 4;        // rows scored together (independent acc
 constexpr int64_t kKeyVecs = kTileAccumulators / kRowBlock;  // key vectors scored together, for kRowBlock rows
 constexpr int64_t kTasksPerThread = 4;  // fewer tasks than this per thread: split decodes into pieces of keys
 constexpr int64_t kMinPieceKeys = 128;  // ... of at least this many keys
+// Below this much work (query tokens x keys x KV heads) a step runs on one thread: measured here with 3 KV
+// heads, a decode over 256 keys took 14 us on one thread and 19 us on two, over 1,024 keys 46 and 42 us.
+constexpr int64_t kParallelWork = 2048;
 
 // Query tokens [first, first + count) of `seq` against KV head `head`, over its keys [key0, key0 + keys);
 // a piece of a split decode writes its unnormalised result and softmax statistics to partial slot `part`.
@@ -64,14 +67,22 @@ struct TaskView {
   }
 };
 
-// The step's tasks: each sequence's tiles of query tokens for each KV head; with fewer than kTasksPerThread
-// tasks per thread, each decode's keys in pieces of whole blocks (at least kMinPieceKeys keys), about as many
-// as make up the shortfall. `pieces` counts the split tasks' pieces.
+// How many threads a step's attention takes: one for little work (kParallelWork), else all.
+inline int64_t attention_threads(const int64_t* query_start, const int64_t* context_lens, int64_t num_seqs,
+                                 int64_t kv_heads) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) work += (query_start[b + 1] - query_start[b]) * context_lens[b] * kv_heads;
+  return work < kParallelWork ? 1 : at::get_num_threads();
+}
+
+// The step's tasks: each sequence's tiles of query tokens for each KV head; on several threads with fewer than
+// kTasksPerThread tasks per thread, each decode's keys in pieces of whole blocks (at least kMinPieceKeys
+// keys), about as many as make up the shortfall. `pieces` counts the split tasks' pieces.
 inline std::vector<Task> make_tasks(const int64_t* query_start, const int64_t* context_lens, int64_t num_seqs,
-                                    int64_t kv_heads, int64_t block_size, int64_t& pieces) {
+                                    int64_t kv_heads, int64_t block_size, int64_t threads, int64_t& pieces) {
   int64_t plain = 0;
   for (int64_t b = 0; b < num_seqs; ++b) plain += kv_heads * ((query_start[b + 1] - query_start[b] + kTile - 1) / kTile);
-  const int64_t wanted = kTasksPerThread * at::get_num_threads();
+  const int64_t wanted = threads > 1 ? kTasksPerThread * threads : 0;
   const int64_t split = plain > 0 && plain < wanted ? (wanted + plain - 1) / plain : 1;  // pieces per decode
   std::vector<Task> tasks;
   pieces = 0;

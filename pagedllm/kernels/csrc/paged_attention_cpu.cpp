@@ -98,8 +98,9 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * D;  // one KV head's slice of the pool
   int64_t pieces = 0;
-  const std::vector<Task> tasks = make_tasks(query_start, context_lens, num_seqs, kv_heads, block_size, pieces);
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  const int64_t wanted = attention_threads(query_start, context_lens, num_seqs, kv_heads);
+  const std::vector<Task> tasks = make_tasks(query_start, context_lens, num_seqs, kv_heads, block_size, wanted, pieces);
+  const int64_t threads = std::min<int64_t>(wanted, static_cast<int64_t>(tasks.size()));
   const std::vector<int64_t> bounds = split_among_threads(tasks, threads);
   std::vector<float> partial(pieces * group * D), stats(pieces * group * 2);  // the pieces' rows and statistics
 
