@@ -45,6 +45,27 @@ def test_attention_kernel_splits_few_long_decodes(seqs, dtype, tol, block_size):
     check_attention(seqs, dtype, tol, 64, 9, 3, block_size)
 
 
+# a verifying step's chunk of k + 1 tokens beside other work: each token's row is bitwise the one it gets decoded
+# alone, so speculative decoding's greedy tokens are those without it in bf16 too (short contexts, and long ones
+# whose keys split into pieces)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 8)])
+@pytest.mark.parametrize("context", [40, 300, 1100])
+def test_a_chunks_tokens_attend_as_their_decodes(dtype, heads, kv_heads, context):
+    g = torch.Generator().manual_seed(context)
+    head_dim, block_size, width = 64, 16, 80
+    tables = torch.randperm(2 * width, generator=g)[:2 * width].view(2, width)
+    k_cache, v_cache = (torch.randn(kv_heads, 2 * width, block_size, head_dim, generator=g).to(dtype) for _ in range(2))
+    for tokens in (2, 4, 8):
+        q = torch.randn(tokens + 1, heads, head_dim, generator=g).to(dtype)  # a decode of the other sequence first
+        step = paged_attention(q, k_cache, v_cache, tables, torch.tensor([0, 1, tokens + 1]),
+                               torch.tensor([500, context]), 0.125)
+        for i in range(tokens):
+            alone = paged_attention(q[1 + i:2 + i], k_cache, v_cache, tables[1:], torch.tensor([0, 1]),
+                                    torch.tensor([context - tokens + 1 + i]), 0.125)
+            assert torch.equal(step[1 + i], alone[0])
+
+
 def check_attention(seqs, dtype, tol, head_dim, heads, kv_heads, block_size):
     g = torch.Generator().manual_seed(0)
     queries = torch.tensor([m for m, _ in seqs])

@@ -60,6 +60,30 @@ def test_greedy_output_is_identical_without_speculation(tiny_models, name):
     assert stats.num_preemptions > 0 or name != "preemption"
 
 
+TYPOS = ("Fix the typos in this paragraph and write it out again: The quick brwon fox jumpd over the lazy dog. It "
+         "was a sunny day and the fox was very hapy. The dog did not care at all, it just slept in the sun all afternon.")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # the embedded GGUF's own Q4_1 / Q8_0, and bf16
+def test_greedy_chat_is_identical_without_speculation_in_low_precision(dtype):
+    """Below fp32 a verified token's logits must be bitwise those of its decode, or near-ties (frequent at bf16's
+    resolution: this answer had an exact one) resolve differently. The attention kernel attends a short chunk
+    token by token, and the linear kernels compute each row alike for up to 4 rows (8 for 4-bit weights), so one
+    speculating sequence at k = 3 is exact; more concurrent rows reach the matrix product, as in vLLM outside
+    its batch-invariant mode."""
+    params = SamplingParams(temperature=0, max_tokens=64)
+    outs = []
+    for spec in (None, NGRAM):
+        llm = LLM(dtype=dtype, max_model_len=512, speculative_config=spec)
+        try:
+            outs.append(llm.chat([{"role": "user", "content": TYPOS}], params, use_tqdm=False)[0].outputs[0].token_ids)
+            stats = llm.engine.stats()[0][1]
+        finally:
+            llm.shutdown()
+    assert outs[0] == outs[1]
+    assert stats.spec_decode_num_accepted_tokens > 10
+
+
 @pytest.mark.parametrize("name", ["plain", "preemption", "small-chunks"])
 def test_a_draft_model_gives_the_same_greedy_output(tiny_models, name):
     """The target itself as its draft accepts every proposal (its K/V bookkeeping must be exact for that); another

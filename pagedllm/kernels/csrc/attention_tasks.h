@@ -1,5 +1,5 @@
 // How paged attention divides a step's work: tasks of (sequence, KV head, tile of query tokens), each seen
-// through a TaskView of the pool; few long decodes also split their keys into pieces (flash-decoding).
+// through a TaskView of the pool; long decodes also split their keys into pieces (flash-decoding).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,8 +16,8 @@ constexpr int64_t kTile = 32;           // query tokens per task
 constexpr int64_t kTransposeRows = 8;   // from this many rows per task, scores use transposed keys
 constexpr int64_t kRowBlock = 4;        // rows scored together (independent accumulators)
 constexpr int64_t kKeyVecs = kTileAccumulators / kRowBlock;  // key vectors scored together, for kRowBlock rows
-constexpr int64_t kTasksPerThread = 4;  // fewer tasks than this per thread: split decodes into pieces of keys
-constexpr int64_t kMinPieceKeys = 128;  // ... of at least this many keys
+constexpr int64_t kTokenTasks = 8;     // chunks of up to this many query tokens are attended token by token
+constexpr int64_t kPieceKeys = 512;    // a token's keys in pieces of about this many (whole blocks)
 // Below this much work (query tokens x keys x KV heads) a step runs on one thread: measured here with 3 KV
 // heads, a decode over 256 keys took 14 us on one thread and 19 us on two, over 1,024 keys 46 and 42 us.
 constexpr int64_t kParallelWork = 2048;
@@ -75,32 +75,33 @@ inline int64_t attention_threads(const int64_t* query_start, const int64_t* cont
   return work < kParallelWork ? 1 : at::get_num_threads();
 }
 
-// The step's tasks: each sequence's tiles of query tokens for each KV head; on several threads with fewer than
-// kTasksPerThread tasks per thread, each decode's keys in pieces of whole blocks (at least kMinPieceKeys
-// keys), about as many as make up the shortfall. `pieces` counts the split tasks' pieces.
+// The step's tasks, per sequence and KV head: a decode, and each token of a chunk of up to kTokenTasks tokens
+// (a verifying step's proposals), is its own task, its keys in pieces of kPieceKeys when it has more; longer
+// chunks go in tiles of kTile tokens. What a token's task computes depends on its own context only, never on
+// the rest of the step, so a token verified in a chunk gets bitwise the attention it gets decoded alone (and
+// speculative decoding's greedy tokens are those without it, in bf16 as in fp32). `pieces` counts the pieces.
 inline std::vector<Task> make_tasks(const int64_t* query_start, const int64_t* context_lens, int64_t num_seqs,
-                                    int64_t kv_heads, int64_t block_size, int64_t threads, int64_t& pieces) {
-  int64_t plain = 0;
-  for (int64_t b = 0; b < num_seqs; ++b) plain += kv_heads * ((query_start[b + 1] - query_start[b] + kTile - 1) / kTile);
-  const int64_t wanted = threads > 1 ? kTasksPerThread * threads : 0;
-  const int64_t split = plain > 0 && plain < wanted ? (wanted + plain - 1) / plain : 1;  // pieces per decode
+                                    int64_t kv_heads, int64_t block_size, int64_t& pieces) {
+  const int64_t piece = (kPieceKeys + block_size - 1) / block_size * block_size;
   std::vector<Task> tasks;
   pieces = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t len = query_start[b + 1] - query_start[b], ctx = context_lens[b];
-    int64_t piece = ctx;
-    if (len == 1 && split > 1) {
-      const int64_t keys = std::max(kMinPieceKeys, (ctx + split - 1) / split);
-      piece = (keys + block_size - 1) / block_size * block_size;
-    }
     for (int64_t h = 0; h < kv_heads; ++h) {
-      if (piece < ctx) {
-        for (int64_t k0 = 0; k0 < ctx; k0 += piece) tasks.push_back({b, h, 0, 1, k0, std::min(piece, ctx - k0), pieces++});
+      if (len > kTokenTasks) {
+        for (int64_t i = 0; i < len; i += kTile) {
+          const int64_t count = std::min(kTile, len - i);
+          tasks.push_back({b, h, i, count, 0, ctx - len + i + count, -1});
+        }
         continue;
       }
-      for (int64_t i = 0; i < len; i += kTile) {
-        const int64_t count = std::min(kTile, len - i);
-        tasks.push_back({b, h, i, count, 0, ctx - len + i + count, -1});
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t keys = ctx - len + i + 1;
+        if (keys <= piece) {
+          tasks.push_back({b, h, i, 1, 0, keys, -1});
+          continue;
+        }
+        for (int64_t k0 = 0; k0 < keys; k0 += piece) tasks.push_back({b, h, i, 1, k0, std::min(piece, keys - k0), pieces++});
       }
     }
   }

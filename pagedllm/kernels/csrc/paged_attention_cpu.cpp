@@ -59,7 +59,7 @@ void softmax_rows(const TaskView<T, D>& t, float* scores, float* stats) {
   }
 }
 
-// Each split decode's pieces (consecutive tasks of one sequence and KV head, key0 = 0 first) merged into its
+// Each split token's pieces (consecutive tasks of one token and KV head, key0 = 0 first) merged into its
 // output rows: their value sums, each relative to its own maximum, rescaled by exp(max_p - max) and divided by
 // the rescaled sums' total.
 template <typename T, int64_t D>
@@ -84,7 +84,7 @@ void merge_pieces(const std::vector<Task>& tasks, const std::vector<float>& part
           for (int64_t d = 0; d < D; ++d) acc[d] += w * row[d];
           total += w * stat(p, 1);
         }
-        T* dst = out + head_row(query_start[first.seq], first.head, group, heads, r) * D;
+        T* dst = out + head_row(query_start[first.seq] + first.first, first.head, group, heads, r) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] / total);
       }
     }
@@ -98,9 +98,9 @@ void attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* ta
   const int64_t group = heads / kv_heads;
   const int64_t head_stride = num_blocks * block_size * D;  // one KV head's slice of the pool
   int64_t pieces = 0;
-  const int64_t wanted = attention_threads(query_start, context_lens, num_seqs, kv_heads);
-  const std::vector<Task> tasks = make_tasks(query_start, context_lens, num_seqs, kv_heads, block_size, wanted, pieces);
-  const int64_t threads = std::min<int64_t>(wanted, static_cast<int64_t>(tasks.size()));
+  const std::vector<Task> tasks = make_tasks(query_start, context_lens, num_seqs, kv_heads, block_size, pieces);
+  const int64_t threads = std::min<int64_t>(attention_threads(query_start, context_lens, num_seqs, kv_heads),
+                                            static_cast<int64_t>(tasks.size()));
   const std::vector<int64_t> bounds = split_among_threads(tasks, threads);
   std::vector<float> partial(pieces * group * D), stats(pieces * group * 2);  // the pieces' rows and statistics
 
