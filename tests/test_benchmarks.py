@@ -33,6 +33,21 @@ def test_bench_latency(tiny_models, tmp_path):
     assert 0 < r["bandwidth_fraction"] and r["read_bandwidth"] > 0
 
 
+def test_bench_throughput_against_a_second_configuration(tiny_models, tmp_path):
+    r = _bench(["throughput", "--model", tiny_models["qwen3"], *SMALL, "--against", '{"dtype": "float32"}'], tmp_path)
+    assert len(r["output_tok_s_each"]) == 2 and len(r["against"]["output_tok_s_each"]) == 2
+    assert r["against"]["overrides"] == {"dtype": "float32"} and all(x > 0 for x in r["speedups"])
+
+
+def test_bench_latency_against_a_second_configuration_in_alternation(tiny_models, tmp_path):
+    spec = '{"method": "ngram", "num_speculative_tokens": 2}'
+    r = _bench(["latency", "--model", tiny_models["llama"], *SMALL, "--num-iters", "2", "--speculative-config", spec,
+                "--against", '{"speculative_config": null, "dtype": "float32"}'], tmp_path)
+    assert r["speculative"]["num_drafts"] >= 0 and "speculative" not in r["against"]
+    assert r["against"]["dtype"] == "float32" and r["against"]["overrides"]["speculative_config"] is None
+    assert len(r["speedups"]) == 2 and all(x > 0 for x in r["speedups"]) and len(r["decode_tok_s_each"]) == 2
+
+
 def test_bench_rejects_bad_workload(tiny_models):
     r = subprocess.run(CLI + ["bench", "throughput", "--model", tiny_models["qwen3"], "--input-len", "9", "3"],
                        capture_output=True, text=True, timeout=300)

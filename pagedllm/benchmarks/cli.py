@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pagedllm.benchmarks.datasets import add_dataset_args
-from pagedllm.benchmarks.offline import cmd_interference, cmd_latency, cmd_throughput
+from pagedllm.benchmarks.latency import cmd_latency
+from pagedllm.benchmarks.offline import cmd_interference, cmd_throughput
 from pagedllm.benchmarks.quality import cmd_quantization
 from pagedllm.benchmarks.serving import add_serve_bench_args, cmd_serve_bench
 from pagedllm.benchmarks.workloads import add_workload_args
-from pagedllm.entrypoints.cli_args import add_engine_args
+from pagedllm.entrypoints.cli_args import add_engine_args, json_object
 from pagedllm.quant_config import QUANTIZATION_METHODS
 
 
@@ -19,6 +20,9 @@ def add_bench_parser(sub) -> None:
     add_workload_args(t)
     t.add_argument("--compare", choices=["hf"], default=None, help="run the workload through HF transformers too")
     t.add_argument("--skip-hf-continuous", action="store_true", help="with --compare hf: skip HF's generate_batch")
+    t.add_argument("--against", type=json_object, default=None, metavar="JSON",
+                   help="a second configuration (these engine arguments changed), run beside the first in this "
+                        "process: first, second, second, first")
     t.add_argument("--output-json", default=None)
     t.set_defaults(func=cmd_throughput)
 
@@ -30,6 +34,9 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--chat", default=None, metavar="TEXT",
                      help="a user message instead of random tokens, answered until the model ends it (at most the "
                           "output length): for speculative decoding on text it can quote")
+    lat.add_argument("--against", type=json_object, default=None, metavar="JSON",
+                     help="a second configuration, the same engine arguments but these, e.g. '{\"dtype\": \"bfloat16\"}' or "
+                          "'{\"speculative_config\": null}': run in alternation with the first in this process")
     lat.add_argument("--compare", choices=["hf"], default=None)
     lat.add_argument("--output-json", default=None)
     lat.set_defaults(func=cmd_latency)

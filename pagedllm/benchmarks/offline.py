@@ -1,4 +1,5 @@
-"""`pagedllm bench throughput` and `bench latency`: the offline engine, with the machine's limits and HF beside it."""
+"""`pagedllm bench throughput` (and what `bench latency` shares with it): the offline engine, with the machine's
+limits and HF beside it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pagedllm.executor.multiproc import bubble_report
 from pagedllm.sampling_params import SamplingParams
 
 
-def _llm(ns: argparse.Namespace) -> LLM:
+def make_llm(ns: argparse.Namespace) -> LLM:
     return LLM(**vars(engine_args_from(ns)))
 
 
@@ -35,7 +36,7 @@ def _prefix_hits(engine) -> int:
     return sum(stats.prefix_cache_hits for _, stats in engine.stats())
 
 
-def _write(ns: argparse.Namespace, result: dict) -> None:
+def write_result(ns: argparse.Namespace, result: dict) -> None:
     result["command"] = "pagedllm " + " ".join(sys.argv[1:]) if sys.argv and "pagedllm" in sys.argv[0] else None
     if ns.output_json:
         with open(ns.output_json, "w") as f:
@@ -43,7 +44,7 @@ def _write(ns: argparse.Namespace, result: dict) -> None:
         print(f"results written to {ns.output_json}")
 
 
-def _warm_up(llm: LLM, w: Workload) -> None:
+def warm_up(llm: LLM, w: Workload) -> None:
     """A few short requests from the workload's prompts; then their prefixes are forgotten, so that the measured
     run computes every prompt token itself."""
     _run(llm, Workload([p[:64] for p in w.prompts[:4]], [4] * min(4, len(w.prompts))), use_tqdm=False)
@@ -51,10 +52,10 @@ def _warm_up(llm: LLM, w: Workload) -> None:
 
 
 def cmd_throughput(ns: argparse.Namespace) -> None:
-    llm = _llm(ns)
+    llm = make_llm(ns)
     engine = llm.engine
     w = make_workload(ns, engine.config.model.vocab_size)
-    _warm_up(llm, w)
+    warm_up(llm, w)
     hits0 = _prefix_hits(engine)
     elapsed = _run(llm, w)
     result = {
@@ -76,23 +77,25 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
         bubbles = ", ".join(f"{100 * b:.0f} %" for b in result["pipeline"]["bubble_fraction"])
         print(f"  pipeline: {len(times[0])} micro-batches; idle (bubble) per stage {bubbles}; "
               f"ideal for a full pipeline {100 * result['pipeline']['ideal_bubble_fraction']:.1f} %")
-    _speculation(engine, result)
+    add_speculation(engine, result)
+    if ns.against is not None:
+        _against(ns, llm, w, result)
     cfg, folder = engine.config.model, engine.config.load.model_path
     engine.shutdown()  # the machine's limits are measured with the engine (and its processes) gone
     del llm, engine
-    limits = roofline.machine_limits(cfg, _dtype(result["dtype"]), _device(ns), min(len(w.prompts), ns.max_num_seqs))
+    limits = roofline.machine_limits(cfg, torch_dtype(result["dtype"]), bench_device(ns), min(len(w.prompts), ns.max_num_seqs))
     computed_prompt = w.num_prompt_tokens - result["prefix_cache_hit_tokens"]  # cached tokens cost no compute
     roof = roofline.throughput_roofline(cfg, limits, computed_prompt, w.num_output_tokens)
     result["limits"] = limits
     result["roofline"] = {**roof, "fraction": result["output_tok_s"] / roof["max_output_tok_s"],
                           "achieved_flops": roof["model_flops"] / elapsed}
     kv_s = roofline.decode_kv_read_seconds(cfg, limits, [len(p) for p in w.prompts], w.output_lens,
-                                           _dtype(result["dtype"]).itemsize)
+                                           torch_dtype(result["dtype"]).itemsize)
     with_kv = w.num_output_tokens / (roof["min_seconds"] + kv_s)
     result["roofline_with_kv_reads"] = {"kv_read_seconds": kv_s, "max_output_tok_s": with_kv,
                                         "fraction": result["output_tok_s"] / with_kv}
     if ns.compare == "hf":
-        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns), ns.load_format)
+        model = hf_baseline.load_hf(folder, torch_dtype(result["dtype"]), bench_device(ns), ns.load_format)
         hf = {"static_batch_16_s": hf_baseline.static_batches(model, w)}
         if not ns.skip_hf_continuous:
             hf["generate_batch_s"] = hf_baseline.continuous_batching(model, w)
@@ -101,11 +104,29 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
             hf["speedup_vs_" + key.removesuffix("_s")] = result["output_tok_s"] / hf[key.replace("_s", "_output_tok_s")]
         result["hf"] = hf
     _print_throughput(result)
-    _print_speculation(result)
-    _write(ns, result)
+    print_speculation(result)
+    write_result(ns, result)
 
 
-def _speculation(engine, result: dict) -> None:
+def _against(ns: argparse.Namespace, llm: LLM, w: Workload, result: dict) -> None:
+    """The workload through a second configuration (these engine arguments changed) in this process, in the order
+    first, second, second, first: each run of one beside one of the other (this VM's bandwidth moves within minutes)."""
+    other = LLM(**{**vars(engine_args_from(ns)), **ns.against})
+    warm_up(other, w)
+    second = [_run(other, w), _run(other, w)]
+    spec: dict = {}
+    add_speculation(other.engine, spec)
+    other.shutdown()
+    first = [result["elapsed_s"], _run(llm, w)]
+    result["output_tok_s_each"] = [w.num_output_tokens / t for t in first]
+    result["against"] = {"overrides": ns.against, "output_tok_s_each": [w.num_output_tokens / t for t in second], **spec}
+    result["speedups"] = [b / a for a, b in zip(first, second)]
+    print(f"\n  {', '.join(f'{x:.1f}' for x in result['output_tok_s_each'])} output tok/s against "
+          f"{', '.join(f'{x:.1f}' for x in result['against']['output_tok_s_each'])} with {ns.against} run beside them: "
+          f"speed-up {', '.join(f'{x:.2f}x' for x in result['speedups'])}")
+
+
+def add_speculation(engine, result: dict) -> None:
     """Speculative decoding's counters over the whole run (warm-up included), summed over replicas."""
     if engine.config.speculative is None:
         return
@@ -116,7 +137,7 @@ def _speculation(engine, result: dict) -> None:
                              "mean_accepted_length": spec.mean_accepted_length}
 
 
-def _print_speculation(result: dict) -> None:
+def print_speculation(result: dict) -> None:
     if "speculative" in result:
         spec = result["speculative"]
         print(f"  speculative decoding: {spec['num_drafts']} verifying steps, {spec['num_draft_tokens']} proposed "
@@ -124,17 +145,17 @@ def _print_speculation(result: dict) -> None:
               "verifying step")
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
 
 
-def _device(ns: argparse.Namespace):
+def bench_device(ns: argparse.Namespace):
     from pagedllm.platform import resolve_device
 
     return resolve_device(ns.device)
@@ -159,63 +180,6 @@ def _print_throughput(r: dict) -> None:
         for key in ("static_batch_16", "generate_batch"):
             if f"{key}_output_tok_s" in hf:
                 print(f"  HF {key}: {hf[f'{key}_output_tok_s']:.1f} tok/s -> pagedllm is {hf[f'speedup_vs_{key}']:.1f}x")
-
-
-def cmd_latency(ns: argparse.Namespace) -> None:
-    llm = _llm(ns)
-    engine = llm.engine
-    w = make_workload(ns, engine.config.model.vocab_size)
-    prompt, n = w.prompts[0], w.output_lens[0]
-    if ns.chat:  # a real conversation, answered until the model ends it (at most n tokens)
-        prompt = engine.processor.chat_prompt([{"role": "user", "content": ns.chat}])["prompt_token_ids"]
-    if n < 2:
-        raise ValueError("--output-len must be at least 2 to measure time per output token")
-    _warm_up(llm, w)
-    ttfts, tpots, bandwidths, generated = [], [], [], []
-    for _ in range(ns.num_iters):
-        llm.reset_prefix_cache()  # each iteration prefills the whole prompt
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=not ns.chat)
-        rid = engine.add_request({"prompt_token_ids": prompt}, params)
-        start, first, done = time.perf_counter(), None, None
-        while done is None:
-            for out in engine.step():
-                if out.request_id == rid:
-                    first = first or time.perf_counter()
-                    done = time.perf_counter() if out.finished else None
-                    count = len(out.outputs[0].token_ids)
-        ttfts.append(first - start)
-        tpots.append((done - first) / max(1, count - 1))
-        generated.append(count)
-        # the machine's bandwidth right after each decode: a shared VM's moves by up to 2x within minutes
-        bandwidths.append(roofline.read_bandwidth(engine.config.device))
-    weight_bytes = engine.executor.weight_bytes()[0]
-    tpot, bandwidth = _median(tpots), _median(bandwidths)
-    result = {
-        "benchmark": "latency", "model": engine.config.model.name, "dtype": dtype_name(engine.config.dtype),
-        "prompt_tokens": len(prompt), "output_tokens": _median(generated), "iterations": ns.num_iters,
-        "ttft_s": _median(ttfts), "tpot_s": tpot, "decode_tok_s": 1 / tpot,
-        "weight_bytes": weight_bytes, "read_bandwidth": bandwidth, "bandwidth_limit_tok_s": bandwidth / weight_bytes,
-        # each decode against the bandwidth measured beside it
-        "bandwidth_fraction": _median([weight_bytes / t / b for t, b in zip(tpots, bandwidths)]),
-    }
-    print(f"\n{result['model']} ({result['dtype']}), one request of {len(prompt)} prompt tokens, "
-          f"{result['output_tokens']} output tokens (median of {ns.num_iters}):")
-    print(f"  time to first token {1000 * result['ttft_s']:.1f} ms | time per output token {1000 * tpot:.2f} ms "
-          f"({result['decode_tok_s']:.1f} tok/s)")
-    print(f"  weights {weight_bytes / 1e6:.0f} MB per token at {bandwidth / 1e9:.1f} GB/s (median, measured after each "
-          f"decode) -> limit {result['bandwidth_limit_tok_s']:.1f} tok/s; we reach {100 * result['bandwidth_fraction']:.0f} %")
-    _speculation(engine, result)
-    _print_speculation(result)
-    if ns.compare == "hf":
-        folder = engine.config.load.model_path
-        del llm, engine
-        model = hf_baseline.load_hf(folder, _dtype(result["dtype"]), _device(ns), ns.load_format)
-        hf = hf_baseline.single_request_tpot(model, prompt, n)
-        hf["decode_tok_s"] = 1 / hf["tpot_s"]
-        result["hf"] = hf
-        print(f"  HF generate batch 1: TTFT {1000 * hf['ttft_s']:.1f} ms, {hf['decode_tok_s']:.1f} tok/s -> pagedllm "
-              f"decodes {result['decode_tok_s'] / hf['decode_tok_s']:.1f}x faster")
-    _write(ns, result)
 
 
 def _ttft_behind_long_prompt(args, long_prompt: list[int], short_prompt: list[int], delay: float) -> dict:
@@ -266,4 +230,4 @@ def cmd_interference(ns: argparse.Namespace) -> None:
         r = result[mode]
         print(f"chunked prefill {'on ' if mode == 'chunked' else 'off'}: short request's TTFT "
               f"{1000 * r['short_ttft_s']:.0f} ms, long request done in {r['long_request_s']:.2f} s")
-    _write(ns, result)
+    write_result(ns, result)

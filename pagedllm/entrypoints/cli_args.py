@@ -19,7 +19,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -70,7 +70,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--generation-config", default="auto",
                    help="sampling defaults for what a request leaves unset: auto (the model's generation_config.json), "
                         "vllm (vLLM's own defaults) or a folder holding a generation_config.json")
-    g.add_argument("--override-generation-config", type=_json_object, default=None,
+    g.add_argument("--override-generation-config", type=json_object, default=None,
                    help="JSON object over those defaults, e.g. '{\"temperature\": 0.5}'")
     g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs / prompt_logprobs a request may ask for")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -79,7 +79,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default=None,
                    help="auto: Triton on CUDA, the native kernel on the CPU; triton on the CPU needs TRITON_INTERPRET=1 "
                         "(testing); torch: plain torch ops (default: $PAGEDLLM_ATTENTION_BACKEND or auto)")
-    g.add_argument("--speculative-config", type=_json_object, default=None,
+    g.add_argument("--speculative-config", type=json_object, default=None,
                    help="speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                         "\"prompt_lookup_max\": 5, \"prompt_lookup_min\": 2, \"disable_by_batch_size\": 4}'")
     compat = p.add_argument_group("vLLM flags accepted for compatibility (no effect here; a warning says why)")
@@ -108,7 +108,7 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                         "pagedllm")
     s.add_argument("--chat-template", default=None, help="a chat template file (or the template itself) instead of the "
                                                           "model's")
-    s.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+    s.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                    help="JSON object of template variables for every chat request, e.g. '{\"enable_thinking\": false}'")
     s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
                    help="split the thinking into message.reasoning_content")
