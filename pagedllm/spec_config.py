@@ -21,8 +21,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 2
     # no proposals in a step that runs more than this many sequences: a batched step is bound by compute on the
-    # CPU, where every rejected token is paid in full (benchmarks/RESULTS.md, speculative decoding)
-    disable_by_batch_size: int = 4
+    # CPU, where every rejected token is paid in full. None: 4, or on the CPU with 4-bit weights as many as keep a
+    # verifying step within the 4-bit GEMV's rows (engine/spec_decode.py; benchmarks/spec_batch.py measures it)
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, value: dict | str | None) -> SpeculativeConfig | None:
@@ -47,7 +48,8 @@ class SpeculativeConfig:
         if (method == "draft_model") != isinstance(config.model, str):
             raise ValueError("speculative_config: method draft_model takes a draft `model` (a local checkpoint), "
                              "ngram takes none")
-        ints = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in ("method", "model")}
+        ints = {f.name: getattr(config, f.name) for f in fields(cls)
+                if f.name not in ("method", "model") and getattr(config, f.name) is not None}
         if any(not isinstance(v, int) or v < 1 for v in ints.values()):
             raise ValueError(f"speculative_config: {', '.join(ints)} must be positive integers")
         if config.prompt_lookup_min > config.prompt_lookup_max:
