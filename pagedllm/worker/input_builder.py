@@ -38,16 +38,21 @@ class InputBuilder:
     def build(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         starts, lens, tables = step.starts, step.lens, step.tables
-        row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
-        first = torch.cumsum(lens, 0) - lens  # first token of every row
-        offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
-        positions = starts[row] + offset
+        if len(step.token_ids) == len(lens):  # decodes only, a token per row: a third of the general form's ops
+            row = first = torch.arange(len(lens))
+            offset, positions, query_start = torch.zeros_like(row), starts, torch.arange(len(lens) + 1)
+        else:
+            row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
+            first = torch.cumsum(lens, 0) - lens  # first token of every row
+            offset = torch.arange(len(row)) - first[row]  # index of the token inside its chunk
+            positions = starts[row] + offset
+            query_start = torch.cat([first, torch.tensor([len(row)])])
         slots = tables[row, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(slot_mapping=self._to_device(slots))
         if self.native:
             ctx = starts + lens
-            meta.native = NativeBatch(self._to_device(tables), self._to_device(torch.cat([first, torch.tensor([len(row)])])),
-                                      self._to_device(ctx), int(ctx.max()) if len(ctx) else 0)
+            meta.native = NativeBatch(self._to_device(tables), self._to_device(query_start), self._to_device(ctx),
+                                      int(ctx.max()) if len(ctx) else 0)
         else:
             self._add_buckets(meta, step, row, first, offset)
         return self._to_device(step.token_ids), self._to_device(positions), meta
