@@ -6,6 +6,7 @@ The layers shard over the tensor-parallel group; a single process is a group of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -74,6 +75,18 @@ def init_parallel_groups(rank: int, parallel: ParallelConfig, init_method: str, 
     groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(parallel.pipeline_parallel_size)]
     stage, tp_rank = divmod(rank, tp)
     _TP = TPGroup(tp_rank, tp, groups[stage]) if tp > 1 else TPGroup()
+
+
+@contextlib.contextmanager
+def single_rank_group():
+    """Build a model for this process alone (a draft model beside a tensor-parallel target's rank 0): layers take
+    their group when built, so these hold a group of one and never join the target's collectives."""
+    global _TP
+    saved, _TP = _TP, TPGroup()
+    try:
+        yield
+    finally:
+        _TP = saved
 
 
 def destroy_parallel_groups() -> None:

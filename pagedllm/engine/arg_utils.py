@@ -152,9 +152,6 @@ class EngineArgs:
                                   self.data_parallel_size, self.data_parallel_routing)
         parallel.check(model_config)
         speculative = SpeculativeConfig.parse(self.speculative_config)
-        if speculative and speculative.method == "draft_model" and parallel.world_size > 1:
-            raise ValueError("draft-model speculation runs on one device per replica so far (tensor and pipeline "
-                             "parallel size 1); ngram speculation works with both")
         defaults = tuple(sorted(self._sampling_defaults(model_path).items()))
         return EngineConfig(
             model=dataclasses.replace(model_config, dtype=dtype, sampling_defaults=defaults,

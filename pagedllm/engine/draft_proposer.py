@@ -14,6 +14,7 @@ import logging
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.parallel_state import single_rank_group
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.sampling_metadata import build_sampling_metadata
 from pagedllm.engine.sequence import Sequence
@@ -37,7 +38,8 @@ class DraftProposer:
         if self.config.model.vocab_size != config.model.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({self.config.model.vocab_size} tokens) differs from the "
                              f"target's ({config.model.vocab_size}): proposals must be the target's token ids")
-        self.executor = UniProcExecutor(self.config)
+        with single_rank_group():  # whole in this process, beside a tensor- or pipeline-parallel target's rank 0
+            self.executor = UniProcExecutor(self.config)
         self.vocab_size, self.eos_ids = config.model.vocab_size, eos_ids
         self.name = self.config.model.name or config.speculative.model
         self.kv_bytes_per_token = kv_bytes_per_token(self.config.model, self.config.cache.cache_dtype.itemsize)
