@@ -43,6 +43,11 @@ class StepInputs:
             prompt_logprobs=torch.tensor(list(prompt_logprobs), dtype=torch.long).view(-1, 3),
         )
 
+    @property
+    def decodes_only(self) -> bool:
+        """Every row computes one token (no prompt chunk, no verifying chunk)."""
+        return len(self.token_ids) == len(self.lens)
+
     def pack(self) -> torch.Tensor:
         header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
                                len(self.sample_positions), len(self.prompt_logprobs)])

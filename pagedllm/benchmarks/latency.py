@@ -20,7 +20,6 @@ from pagedllm.benchmarks.offline import (
 )
 from pagedllm.benchmarks.workloads import make_workload
 from pagedllm.config import dtype_name
-from pagedllm.entrypoints.cli_args import engine_args_from
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.sampling_params import SamplingParams
 
@@ -79,7 +78,7 @@ def cmd_latency(ns: argparse.Namespace) -> None:
         raise ValueError("--output-len must be at least 2 to measure time per output token")
     engines = [(llm, [])]
     if ns.against is not None:
-        engines.append((LLM(**{**vars(engine_args_from(ns)), **ns.against}), []))
+        engines.append((make_llm(ns, ns.against), []))
     for other, _ in engines:
         warm_up(other, w)
     for i in range(ns.num_iters):  # in alternation, each engine first every other time

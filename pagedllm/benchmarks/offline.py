@@ -19,8 +19,9 @@ from pagedllm.executor.multiproc import bubble_report
 from pagedllm.sampling_params import SamplingParams
 
 
-def make_llm(ns: argparse.Namespace) -> LLM:
-    return LLM(**vars(engine_args_from(ns)))
+def make_llm(ns: argparse.Namespace, overrides: dict | None = None) -> LLM:
+    """The engine the command's arguments describe, with `overrides` (--against's) changed."""
+    return LLM(**{**vars(engine_args_from(ns)), **(overrides or {})})
 
 
 def _run(llm: LLM, w: Workload, use_tqdm: bool = True) -> float:
@@ -111,7 +112,7 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
 def _against(ns: argparse.Namespace, llm: LLM, w: Workload, result: dict) -> None:
     """The workload through a second configuration (these engine arguments changed) in this process, in the order
     first, second, second, first: each run of one beside one of the other (this VM's bandwidth moves within minutes)."""
-    other = LLM(**{**vars(engine_args_from(ns)), **ns.against})
+    other = make_llm(ns, ns.against)
     warm_up(other, w)
     second = [_run(other, w), _run(other, w)]
     spec: dict = {}

@@ -56,8 +56,7 @@ class CudaGraphs:
 
     def covers(self, step: StepInputs) -> bool:
         """Whether the step is a batch of decodes that a captured graph covers."""
-        b = len(step.lens)
-        return len(step.token_ids) == b <= self.sizes[-1] and step.tables.shape[1] <= self.tables.shape[1]
+        return step.decodes_only and len(step.lens) <= self.sizes[-1] and step.tables.shape[1] <= self.tables.shape[1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden states of a covered step, from the inputs the input builder already put on the device."""

@@ -38,7 +38,7 @@ class InputBuilder:
     def build(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         starts, lens, tables = step.starts, step.lens, step.tables
-        if len(step.token_ids) == len(lens):  # decodes only, a token per row: a third of the general form's ops
+        if step.decodes_only:  # a token per row: a third of the general form's ops
             row = first = torch.arange(len(lens))
             offset, positions, query_start = torch.zeros_like(row), starts, torch.arange(len(lens) + 1)
         else:
