@@ -180,6 +180,23 @@ def test_quantized_linear_matches_the_dequantized_matmul(fmt, dtype, tol, rows, 
         linear(x, q, None)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [9, 13, 64])
+@pytest.mark.parametrize("n", [16, 80, 200])
+def test_quantized_matrix_product_matches_the_dequantized_weights(fmt, rows, n):
+    """More rows than the GEMVs take, bf16: register tiles of 6 rows and a remainder, panels of 64 features and a
+    partial one (80), a single vector (16), and 200 features (not whole vectors: the dequantized matmul)."""
+    from pagedllm.kernels import linear
+    from pagedllm.layers.quantization import QuantFormat, dequantize, quantize
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    q, scale, off = quantize(torch.randn(n, 256, generator=g), QuantFormat(*FORMATS[fmt]))
+    want = x.double() @ dequantize(q, scale, off, torch.bfloat16).double().T + bias.double()
+    torch.testing.assert_close(linear(x, q, bias, scale, off).float(), want.float(), atol=0.2, rtol=2e-2)
+
+
 def _unpack(q: torch.Tensor) -> torch.Tensor:
     """4-bit blocks of 32 by hand (byte j: value j low, value j + 16 high), independent of the code under test."""
     out = torch.empty(q.shape[0], q.shape[1] * 2, dtype=torch.uint8)

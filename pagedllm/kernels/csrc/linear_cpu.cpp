@@ -5,14 +5,15 @@
 // features over the threads. Weights are the activations' dtype, or quantized in groups (int8 or 4-bit
 // with fp16 group scales and offsets: quant_gemv.h). On CPUs with AVX512-BF16, bf16 rows use its pairwise dot-product
 // instruction (32 weights per instruction, no conversion to fp32): up to 20 % faster at one row when
-// memory bandwidth is not the limit. Larger batches go to torch's matmul.
+// memory bandwidth is not the limit. Larger batches go to torch's matmul, or with quantized weights to
+// quant_gemm.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_vec.h"
 #include "ops.h"
-#include "quant_gemv.h"
+#include "quant_gemm.h"
 
 #include <sys/mman.h>
 
@@ -27,7 +28,7 @@ constexpr int64_t kMaxRows = 4;         // up to this many input rows, one pass 
 // 4-bit weights: up to this many rows (measured at 6 and 8 rows: the GEMV took 0.35-0.75x the time of dequantizing
 // for the matmul; for int8 and bf16 weights the matmul is as fast or faster from 5 rows)
 constexpr int64_t kMaxQuantRows = 8;
-constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing per-row int8 weights for a bf16 matmul is faster
+constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing per-row int8 weights for a matmul is faster
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Output rows [begin, end) of a bf16 GEMV with vdpbf16ps; a separate function so that only it is compiled
@@ -154,6 +155,34 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
+// Quantized weights for more rows than the GEMVs take, on AVX512-BF16 (quant_gemm.h); elsewhere they are dequantized
+// for torch's matmul.
+bool quant_gemm_applies(const at::Tensor& x, const at::Tensor& scale, int64_t n, int64_t k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return x.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot() && n % 16 == 0 && (k / scale.size(1)) % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+#if defined(CPU_CAPABILITY_AVX512)
+  const auto xc = x.contiguous();
+  const auto run = [&](const auto& w) {
+    quant_gemm_bf16(xc.data_ptr<at::BFloat16>(), x.size(0), w, bias ? bias->data_ptr<at::BFloat16>() : nullptr,
+                    y.data_ptr<at::BFloat16>(), weight.size(0));
+  };
+  if (weight.scalar_type() == at::kByte) {
+    run(quant_weight<Int4>(weight, scale, offset, x.size(1)));
+  } else {
+    run(quant_weight<int8_t>(weight, scale, offset, x.size(1)));
+  }
+#endif
+  return y;
+}
+
 // A quantized weight as a [N, K] matrix of dtype, in a buffer this thread reuses (valid until its next call): a
 // matmul on freshly allocated pages ran at half speed (measured: 880 us against 470 us at 64 x 1536 x 576, the
 // page faults and unmapping of a new buffer each call).
@@ -191,9 +220,9 @@ namespace pagedllm {
 
 // x: [M, K]; weight: [N, K] in x's dtype, or quantized: int8 [N, K] or 4-bit uint8 [N, K / 2] with fp16 scale
 // [N, groups] and optionally offset [N, groups]; bias: [N] or none. Returns [M, N]. Up to kMaxRows rows
-// (kMaxQuantRows for 4-bit weights) stream the weights through the GEMVs above; more rows are a matrix product
-// (oneDNN): per-row int8 weights through torch's int8-weight kernel up to kInt8KernelRows rows, other quantized
-// weights dequantized once per call.
+// (kMaxQuantRows for 4-bit weights) stream the weights through the GEMVs above; more rows are a matrix product:
+// float weights through oneDNN, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16), elsewhere torch's
+// int8-weight kernel (per-row int8, up to kInt8KernelRows rows) or the weights dequantized once per call.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2, "linear: x [M, K] and weight [N, *] on the CPU");
@@ -220,6 +249,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     return cpu::small_batch_linear(x, weight, bias, scale, offset);
   }
   if (!int8 && !int4) return at::linear(x, weight, bias);
+  if (cpu::quant_gemm_applies(x, *scale, n, k)) return cpu::quant_gemm(x, weight, bias, *scale, offset);
   // torch's int8 kernel: per-row scales, rows of a multiple of 16 values (it crashed on 72)
   if (int8 && !offset && scale->size(1) == 1 && x.size(0) <= cpu::kInt8KernelRows && k % 16 == 0) {
     auto y = at::_weight_int8pack_mm(x.contiguous(), weight, scale->view({n}).to(x.scalar_type()));

@@ -259,37 +259,40 @@ void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Rows as bf16, 32 values per step (a 4-bit block's two nibbles, or 32 int8 values) as fp32 times the scale plus
-// the offset, back to bf16 (vcvtne2ps2bf16 rounds to nearest even, as at::BFloat16 does); a group's last
-// values short of 32 one by one.
+// Values [i, i + 32) of a row (a 4-bit block's two nibbles, or 32 int8 values) as s * q + o in bf16: fp32 products
+// rounded to nearest even (vcvtne2ps2bf16, as at::BFloat16 rounds).
+template <typename W>
+PAGEDLLM_BF16_DOT inline __m512i dequantize_block_bf16(const W* row, int64_t i, __m512 s, __m512 o) {
+  __m512 lo, hi;
+  if constexpr (std::is_same_v<W, Int4>) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  } else {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16))));
+  }
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, o), _mm512_fmadd_ps(lo, s, o));
+}
+
+// Rows as bf16, 32 values per step; a group's last values short of 32 (int8 rows only) one by one.
 template <typename W>
 PAGEDLLM_BF16_DOT void dequantize_rows_bf16(const QuantWeight<W>& w, at::BFloat16* out, int64_t begin, int64_t end,
                                             float* sf, float* of) {
   const int64_t k = w.k, groups = w.groups, g_size = k / groups;
-  const __m512i nibble = _mm512_set1_epi32(0x0F);
   for (int64_t n = begin; n < end; ++n) {
-    const int8_t* row = reinterpret_cast<const int8_t*>(w.values) + n * w.row_stride();
+    const W* row = w.values + n * w.row_stride();
     halves_to_float(w.scale + n * groups, sf, groups);
     if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of, groups);
     at::BFloat16* o_row = out + n * k;
     for (int64_t g = 0; g < groups; ++g) {
       const float sg = sf[g], og = w.offset != nullptr ? of[g] : 0.f;
-      const __m512 s = _mm512_set1_ps(sg), o = _mm512_set1_ps(og);
       int64_t i = g * g_size;
       const int64_t e = i + g_size;
-      for (; i + 32 <= e; i += 32) {
-        __m512 lo, hi;
-        if constexpr (std::is_same_v<W, Int4>) {
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2)));
-          lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, nibble));
-          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        } else {
-          lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
-          hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i + 16))));
-        }
-        _mm512_storeu_si512(o_row + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, o), _mm512_fmadd_ps(lo, s, o)));
-      }
-      for (; i < e; ++i) o_row[i] = static_cast<at::BFloat16>(static_cast<float>(row[i]) * sg + og);  // int8 only
+      for (; i + 32 <= e; i += 32)
+        _mm512_storeu_si512(o_row + i, dequantize_block_bf16(row, i, _mm512_set1_ps(sg), _mm512_set1_ps(og)));
+      if constexpr (std::is_same_v<W, int8_t>)
+        for (; i < e; ++i) o_row[i] = static_cast<at::BFloat16>(static_cast<float>(row[i]) * sg + og);
     }
   }
 }
