@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     ns = p.parse_args()
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 1 << 20}
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": None}
     on = LLM(dtype=ns.dtype, max_model_len=1024, speculative_config=spec)
     off = LLM(dtype=ns.dtype, max_model_len=1024)
     for llm in (on, off):

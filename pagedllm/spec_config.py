@@ -21,9 +21,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 2
     # no proposals in a step that runs more than this many sequences: a batched step is bound by compute on the
-    # CPU, where every rejected token is paid in full. None: 4, or on the CPU with 4-bit weights as many as keep a
-    # verifying step within the 4-bit GEMV's rows (engine/spec_decode.py; benchmarks/spec_batch.py measures it)
-    disable_by_batch_size: int | None = None
+    # CPU, where every rejected token is paid in full (benchmarks/spec_batch.py measures the crossover); None: never
+    disable_by_batch_size: int | None = 4
 
     @classmethod
     def parse(cls, value: dict | str | None) -> SpeculativeConfig | None:

@@ -13,8 +13,6 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.draft_proposer import DraftProposer
 from pagedllm.engine.scheduler import Scheduler
 from pagedllm.engine.sequence import Sequence
-from pagedllm.kernels import QUANT_GEMV_ROWS
-from pagedllm.quant_config import CHECKPOINT_METHODS, RTN_SCHEMES
 from pagedllm.spec_config import SpeculativeConfig
 
 
@@ -70,20 +68,6 @@ def _proposal_length(config: SpeculativeConfig, seq: Sequence, max_model_len: in
     return min(config.num_speculative_tokens, limit)
 
 
-def batch_limit(config: EngineConfig) -> int:
-    """The most sequences a step may run and still speculate: disable_by_batch_size, else 4; but on the CPU with
-    4-bit weights only as many as keep a verifying step (k + 1 rows each) within the 4-bit GEMV, since more rows
-    dequantize every weight for a matrix product (measured with benchmarks/spec_batch.py on the embedded Q4_1: 1.6-1.7x
-    at 1 sequence, 1.2x at 2, 0.6x at 3 and 4; in bf16 1.3-1.7x up to 8)."""
-    spec = config.speculative
-    if spec.disable_by_batch_size is not None:
-        return spec.disable_by_batch_size
-    q = config.load.quantization
-    four_bit = (RTN_SCHEMES[q][0].bits == 4 if q in RTN_SCHEMES else
-                q in CHECKPOINT_METHODS and any(f.bits == 4 for f in config.model.quant_formats.values()))
-    return max(1, QUANT_GEMV_ROWS // (spec.num_speculative_tokens + 1)) if four_bit and config.device.type == "cpu" else 4
-
-
 class Speculator:
     """The engine's side of speculative decoding: proposals before a step is scheduled (n-gram ones, or slots for a
     draft model's, which it fills once the step's blocks are allocated), the draft's distributions for the
@@ -91,7 +75,7 @@ class Speculator:
 
     def __init__(self, config: EngineConfig, eos_ids: tuple[int, ...]):
         self.config, self.max_model_len = config.speculative, config.max_model_len
-        self.vocab_size, self.max_batch = config.model.vocab_size, batch_limit(config)
+        self.vocab_size, self.max_batch = config.model.vocab_size, config.speculative.disable_by_batch_size
         self.stats = SpecDecodeStats()
         self.draft = DraftProposer(config, eos_ids) if self.config.method == "draft_model" else None
 
@@ -106,8 +90,8 @@ class Speculator:
 
     def prepare(self, running: list[Sequence]) -> None:
         """Set spec_token_ids on the decoding sequences that may speculate this step (none when more than
-        batch_limit sequences run)."""
-        if len(running) > self.max_batch:
+        disable_by_batch_size sequences run)."""
+        if self.max_batch is not None and len(running) > self.max_batch:
             return
         for seq in running:
             if seq.in_flight or seq.num_computed_tokens != seq.num_tokens - 1 or not may_speculate(seq):

@@ -82,7 +82,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--speculative-config", type=json_object, default=None,
                    help="speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                         "\"prompt_lookup_max\": 5, \"prompt_lookup_min\": 2, \"disable_by_batch_size\": 4}' "
-                        "(disable_by_batch_size by default: 4, or 2 with 4-bit weights on the CPU)")
+                        "(disable_by_batch_size by default: 4)")
     compat = p.add_argument_group("vLLM flags accepted for compatibility (no effect here; a warning says why)")
     for name in NO_EFFECT_ARGS:
         flag = "--" + name.replace("_", "-")

@@ -23,7 +23,6 @@ logger = logging.getLogger("pagedllm")
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp", "decoder_layer_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QUANT_GEMV_ROWS = 8  # up to this many rows, 4-bit weights multiply packed (csrc/linear_cpu.cpp: kMaxQuantRows)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
 
 # Build flags for ATen's SIMD types (at::vec), matching the capability torch itself picked on this CPU.
