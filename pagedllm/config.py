@@ -125,7 +125,8 @@ class ModelConfig:
     @functools.cached_property
     def quant_formats(self) -> dict[str, QuantFormat]:
         """A quantized checkpoint's format per layer, by its checkpoint module name (empty for float checkpoints)."""
-        return checkpoint_formats(self.quant, self.num_layers, self.tie_word_embeddings, self.num_experts > 0)
+        moe_layers = frozenset(i for i in range(self.num_layers) if self.is_moe_layer(i))
+        return checkpoint_formats(self.quant, self.num_layers, self.tie_word_embeddings, moe_layers)
 
     @property
     def quant_method(self) -> str | None:
@@ -153,7 +154,7 @@ class ModelConfig:
             )
         quant = cfg.get("quantization_config") or {}
         if quant:  # refused unless pagedllm reads its format: cast without their scales, weights would load wrong
-            check_checkpoint_quant(quant, moe=bool(cfg.get("num_experts") or cfg.get("num_local_experts")))
+            check_checkpoint_quant(quant)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:

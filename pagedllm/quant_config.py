@@ -42,11 +42,12 @@ INT8_PER_ROW = QuantFormat(bits=8)
 RTN_SCHEMES = {"int8": (INT8_PER_ROW, INT8_PER_ROW), "int4": (QuantFormat(4, 32, True), INT8_PER_ROW)}
 
 # the linear layers AWQ and GPTQ quantize in each decoder layer (their checkpoint module names)
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LAYER_LINEARS = (*ATTENTION_LINEARS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MOE_EXPERTS = "mlp.experts"  # a MoE layer's routed experts, all of them (mlp.experts.<e>.gate_proj ... in checkpoints)
 
 
-def awq_gptq_format(quant: dict, moe: bool) -> QuantFormat:
+def awq_gptq_format(quant: dict) -> QuantFormat:
     """The grouped format an AWQ or GPTQ checkpoint's layers load into (model_loader/awq_gptq.py): its integer values
     and fp16 scales as they are, zero points as offsets; groups over the whole row become groups of 32 (4-bit
     groups are 32 times a power of two). Raises for the variants pagedllm cannot run."""
@@ -54,9 +55,7 @@ def awq_gptq_format(quant: dict, moe: bool) -> QuantFormat:
     bits = quant.get("bits", quant.get("w_bit"))
     group = quant.get("group_size", quant.get("q_group_size", -1))
     refuse = None
-    if moe:
-        refuse = "mixture-of-experts models (their experts are not quantized in pagedllm yet)"
-    elif method == "awq" and (bits != 4 or str(quant.get("version", "gemm")).lower() != "gemm"
+    if method == "awq" and (bits != 4 or str(quant.get("version", "gemm")).lower() != "gemm"
                               or not quant.get("zero_point", True)):
         refuse = f"AWQ other than 4-bit GEMM layout with zero points (bits {bits}, version {quant.get('version')})"
     elif method == "gptq" and bits not in (4, 8):
@@ -72,21 +71,23 @@ def awq_gptq_format(quant: dict, moe: bool) -> QuantFormat:
     return QuantFormat(bits, int(group), offset=True)
 
 
-def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe: bool) -> dict[str, QuantFormat]:
+def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe_layers: frozenset[int]) -> dict[str, QuantFormat]:
     """A quantized checkpoint's format per layer, by checkpoint module name, from its quantization_config (GGUF
-    conversions list theirs; AWQ / GPTQ quantize every layer's linear layers alike, and their LM head if lm_head)."""
+    conversions list theirs; AWQ / GPTQ quantize every layer's linear layers alike, a MoE layer's routed experts
+    (MOE_EXPERTS) but not its router, and their LM head if lm_head)."""
     if not quant:
         return {}
     if quant["quant_method"] == "gguf":
         return {name: QuantFormat(**fmt) for name, fmt in quant["formats"].items()}
-    fmt = awq_gptq_format(quant, moe)
+    fmt = awq_gptq_format(quant)
     skip = quant.get("modules_to_not_convert") or []
-    names = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in LAYER_LINEARS]
+    names = [f"model.layers.{i}.{m}" for i in range(num_layers)
+             for m in ((*ATTENTION_LINEARS, MOE_EXPERTS) if i in moe_layers else LAYER_LINEARS)]
     names += ["lm_head"] if quant.get("lm_head") and not tied else []
     return {name: fmt for name in names if not any(s in name for s in skip)}
 
 
-def check_checkpoint_quant(quant: dict, moe: bool) -> None:
+def check_checkpoint_quant(quant: dict) -> None:
     """Raise unless pagedllm runs this quantization_config."""
     method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
     if method not in CHECKPOINT_METHODS:
@@ -94,4 +95,4 @@ def check_checkpoint_quant(quant: dict, moe: bool) -> None:
                          "it runs unquantized checkpoints (fp32 / bf16 / fp16, optionally --quantization int8 or "
                          "int4), GGUF files, and AWQ / GPTQ checkpoints")
     if method != "gguf":
-        awq_gptq_format(quant, moe)
+        awq_gptq_format(quant)

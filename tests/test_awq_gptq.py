@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.quant_config import LAYER_LINEARS
+from tests.conftest import _save_tiny
 from tests.helpers import HFReference, assert_greedy_match, assert_pool_empty, plan_for, random_prompts
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's packing: nibble i of a word holds output column AWQ_ORDER[i]
@@ -58,7 +60,7 @@ def _write(src: str, dst: str, method: str, bits: int = 4, group: int = 32, sym:
     quantized, ref = {}, {}
     for name, t in tensors.items():
         base = name.removesuffix(".weight")
-        if not any(base.endswith(m) for m in LAYER_LINEARS):
+        if not any(base.endswith(m) for m in LAYER_LINEARS) and not re.search(r"experts\.\d+\.\w+_proj$", base):
             quantized[name] = ref[name] = t
             continue
         n, k = t.shape
@@ -92,13 +94,18 @@ CASES = {  # name: (architecture, _write arguments)
     "gptq-sym": ("qwen3", dict(method="gptq", sym=True)),
     "gptq-v2-asym": ("llama", dict(method="gptq", checkpoint_format="gptq_v2")),
     "gptq-8bit": ("qwen3", dict(method="gptq", bits=8, sym=True)),
+    "gptq-moe": ("qwen3_moe", dict(method="gptq", sym=True)),  # every expert quantized, the router not
+    "awq-moe": ("qwen3_moe", dict(method="awq")),
 }
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_models, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("awq_gptq")
-    return {name: _write(tiny_models[arch], str(root / name), **args) for name, (arch, args) in CASES.items()}
+    # experts of 64: two tensor-parallel shards of whole groups of 32
+    sources = {**tiny_models, "qwen3_moe": _save_tiny(str(root / "moe-float"), "qwen3_moe", num_experts=8,
+                                                      num_experts_per_tok=2, moe_intermediate_size=64)}
+    return {name: _write(sources[arch], str(root / name), **args) for name, (arch, args) in CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -119,12 +126,13 @@ def test_checkpoint_gives_hf_tokens_of_the_weights_it_encodes(quantized, name):
     llm.shutdown()
 
 
-def test_tensor_parallel_shards_along_groups(quantized):
+@pytest.mark.parametrize("name", ["gptq-sym", "awq-moe"])
+def test_tensor_parallel_shards_along_groups(quantized, name):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(2, 10, 30, seed=6)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(quantized["gptq-sym"], dtype="float32", kv_cache_memory=2 << 20,
+    want = [o.outputs[0].token_ids for o in LLM(quantized[name], dtype="float32", kv_cache_memory=2 << 20,
                                                 max_model_len=256).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(quantized["gptq-sym"], dtype="float32", kv_cache_memory=2 << 20, max_model_len=256,
+    llm = LLM(quantized[name], dtype="float32", kv_cache_memory=2 << 20, max_model_len=256,
               tensor_parallel_size=2)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want

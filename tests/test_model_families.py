@@ -135,6 +135,34 @@ def test_qwen3_moe_plan_counts_total_and_active_parameters(moe_model):
     llm.shutdown()
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_qwen3_moe_experts_quantize_too(moe_model, quantization):
+    """--quantization stores the routed experts quantized as well (the planner counts them so; the router stays in
+    floats), and computes what a float model of the dequantized weights computes."""
+    from pagedllm.layers.quantization import dequantize, quantize
+    from pagedllm.quant_config import RTN_SCHEMES
+    from tests.helpers import plan_for
+
+    llm = LLM(moe_model, dtype="float32", quantization=quantization, max_model_len=128, kv_cache_memory=1 << 20)
+    mlp = llm.engine.executor.driver.runner.model.model.layers[0].mlp
+    assert mlp.experts.w13_weight.dtype == mlp.experts.w2_weight.dtype == (torch.int8 if quantization == "int8" else torch.uint8)
+    assert mlp.gate.weight.dtype == torch.float32
+    plan = plan_for(moe_model, quantization=quantization, dtype="float32", max_model_len=128)
+    assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.weight_bytes()[0]
+    ref = LLM(moe_model, dtype="float32", max_model_len=128, kv_cache_memory=1 << 20)
+    linear, table = RTN_SCHEMES[quantization]
+    for name, param in ref.engine.executor.driver.runner.model.named_parameters():
+        if param.dim() < 2 or name.endswith("mlp.gate.weight"):
+            continue
+        fmt = table if "embed_tokens" in name or "lm_head" in name else linear
+        rows = [dequantize(*quantize(w, fmt), torch.float32) for w in param.data.view(-1, *param.shape[-2:])]
+        param.data.copy_(torch.stack(rows).view(param.shape))
+    tokens = [5, 17, 300, 4000, 22, 9]
+    torch.testing.assert_close(llm.engine.score(tokens), ref.engine.score(tokens), atol=1e-3, rtol=1e-3)
+    for engine in (llm, ref):
+        engine.shutdown()
+
+
 def _write_llama_gguf(hf_folder: str, path: str, factors: list[float]) -> None:
     """The checkpoint as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout, Llama 3's
     scaling as a rope_freqs tensor, and the embedded model's tokenizer (the tiny checkpoints borrow it)."""

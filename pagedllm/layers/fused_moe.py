@@ -3,8 +3,10 @@ expert, each over all of its tokens at once, and their outputs are summed back w
 probabilities (renormalised over the top k where the model says so).
 
 The experts' weights are two stacked tensors, [experts, 2 x intermediate, hidden] (gate and up) and [experts,
-hidden, intermediate] (down). Tensor parallelism splits every expert's intermediate dimension, so each rank holds a
-slice of all experts and an all-reduce sums the partial outputs, as a row-parallel layer does.
+hidden, intermediate] (down), float or quantized (layers/quantization.py's format, each stacked with its scales and
+offsets: an AWQ / GPTQ checkpoint's experts, or --quantization int4 / int8). Tensor parallelism splits every
+expert's intermediate dimension, so each rank holds a slice of all experts and an all-reduce sums the partial
+outputs, as a row-parallel layer does.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import get_tp_group
+from pagedllm.layers import quantization as quant
 from pagedllm.layers.linear import narrow
+from pagedllm.quant_config import QuantFormat
+
+WEIGHTS = ("w13_weight", "w2_weight")
 
 
 class FusedMoE(nn.Module):
+    native = False  # the native linear kernel for each expert's matmuls (set by layers.custom_op.enable_native_ops)
+
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, norm_topk_prob: bool):
         super().__init__()
         self.tp = get_tp_group()
@@ -29,15 +37,29 @@ class FusedMoE(nn.Module):
             p.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: tuple[int, str]) -> None:
-        """One expert's gate_proj / up_proj / down_proj from the checkpoint: this rank's slice of its intermediate
-        dimension."""
+        """One expert's gate_proj / up_proj / down_proj (its values, scales or offsets) from the checkpoint: this
+        rank's slice of its intermediate dimension, sized by the parameter (a quantized one is narrower)."""
         expert, kind = shard_id
-        size, start = self.intermediate, self.tp.rank * self.intermediate
         if kind == "down":
-            param.data[expert].copy_(narrow(loaded, 1, start, size))
+            size = param.shape[2]
+            param.data[expert].copy_(narrow(loaded, 1, self.tp.rank * size, size))
         else:
+            size = param.shape[1] // 2
             offset = 0 if kind == "gate" else size
-            param.data[expert, offset:offset + size].copy_(narrow(loaded, 0, start, size))
+            param.data[expert, offset:offset + size].copy_(narrow(loaded, 0, self.tp.rank * size, size))
+
+    def make_quantized_(self, fmt: QuantFormat) -> None:
+        for name in WEIGHTS:
+            quant.make_quantized_(self, fmt, name)
+
+    def quantize_(self, fmt: QuantFormat) -> None:
+        for name in WEIGHTS:
+            quant.quantize_module_(self, fmt, name)
+
+    def _matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        scale, offset = quant.scale_and_offset(self, name)
+        return quant.matmul(x, getattr(self, name)[expert], None if scale is None else scale[expert],
+                            None if offset is None else offset[expert], self.native)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden], router_logits: [T, experts] -> [T, hidden]."""
@@ -53,8 +75,8 @@ class FusedMoE(nn.Module):
             if n:
                 pairs = order[start:start + n]
                 tokens = pairs // self.top_k
-                gate, up = F.linear(x[tokens], self.w13_weight[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, self.w2_weight[e])
+                gate, up = self._matmul(x[tokens], "w13_weight", e).chunk(2, dim=-1)
+                y = self._matmul(F.silu(gate) * up, "w2_weight", e)
                 out.index_add_(0, tokens, y * weights[pairs, None])
                 start += n
         return self.tp.all_reduce(out)

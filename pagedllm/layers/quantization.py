@@ -63,34 +63,39 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor |
     return w.view(n, k).to(dtype)
 
 
-def make_quantized_(module: nn.Module, fmt: QuantFormat) -> None:
-    """Give a layer empty quantized parameters in place of its float weight (for a quantized checkpoint to load
-    into, through the weight's own loader: every tensor shards along the weight's dimensions)."""
-    n, k = module.weight.shape
+def make_quantized_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -> None:
+    """Give a layer empty quantized parameters in place of its float weight `name` ([N, K], or [experts, N, K] for
+    stacked experts), for a quantized checkpoint to load into through the weight's own loader: every tensor shards
+    along the weight's dimensions."""
+    weight = getattr(module, name)
+    *lead, n, k = weight.shape
     fmt.check(k, type(module).__name__)
-    loader = getattr(module.weight, "weight_loader", None)
-    device = module.weight.device
-    values = torch.empty(n, k // 2 if fmt.bits == 4 else k, dtype=torch.uint8 if fmt.bits == 4 else torch.int8,
+    device = weight.device
+    values = torch.empty(*lead, n, k // 2 if fmt.bits == 4 else k, dtype=torch.uint8 if fmt.bits == 4 else torch.int8,
                          device=device)
-    tensors = {"weight": values, "weight_scale": torch.empty(n, fmt.groups(k), dtype=torch.float16, device=device)}
-    if fmt.offset:
-        tensors["weight_offset"] = torch.empty(n, fmt.groups(k), dtype=torch.float16, device=device)
-    _set(module, tensors, loader)
+    groups = torch.empty(*lead, n, fmt.groups(k), dtype=torch.float16, device=device)
+    _set(module, name, (values, groups, torch.empty_like(groups) if fmt.offset else None),
+         getattr(weight, "weight_loader", None))
 
 
-def quantize_module_(module: nn.Module, fmt: QuantFormat) -> None:
-    """Replace a layer's float weight by its round-to-nearest quantization (in place)."""
-    q, scale, offset = quantize(module.weight.data, fmt)
-    _set(module, {"weight": q, "weight_scale": scale, **({"weight_offset": offset} if offset is not None else {})},
-         getattr(module.weight, "weight_loader", None))
+def quantize_module_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -> None:
+    """Replace a layer's float weight `name` ([N, K], or [experts, N, K]) by its round-to-nearest quantization."""
+    weight = getattr(module, name)
+    parts = [quantize(w, fmt) for w in weight.data.view(-1, *weight.shape[-2:])]
+    stacked = tuple(None if p[0] is None else torch.stack(p).view(*weight.shape[:-2], *p[0].shape)
+                    for p in zip(*parts))
+    _set(module, name, stacked, getattr(weight, "weight_loader", None))
 
 
-def _set(module: nn.Module, tensors: dict[str, torch.Tensor], loader) -> None:
-    for name, t in tensors.items():
+def _set(module: nn.Module, name: str, tensors: tuple, loader) -> None:
+    """weight, weight_scale and weight_offset (the last may be None: no parameter)."""
+    for suffix, t in zip(("", "_scale", "_offset"), tensors):
+        if t is None:
+            continue
         param = nn.Parameter(t, requires_grad=False)
         if loader is not None:
             param.weight_loader = loader
-        setattr(module, name, param)
+        setattr(module, name + suffix, param)
 
 
 def share_weights(dst: nn.Module, src: nn.Module) -> None:
@@ -100,8 +105,8 @@ def share_weights(dst: nn.Module, src: nn.Module) -> None:
             setattr(dst, name, getattr(src, name))
 
 
-def scale_and_offset(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    return getattr(module, "weight_scale", None), getattr(module, "weight_offset", None)
+def scale_and_offset(module: nn.Module, name: str = "weight") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(module, f"{name}_scale", None), getattr(module, f"{name}_offset", None)
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -121,9 +126,13 @@ def embed(module: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T for a float or quantized module weight."""
-    w = module.weight
-    scale, offset = scale_and_offset(module)
-    if module.native:
+    return matmul(x, module.weight, *scale_and_offset(module), module.native, bias)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None, native: bool,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T for a float or quantized weight w (with its scale and offset), through the native kernel or torch."""
+    if native:
         return kernels.linear(x, w, bias, scale, offset)
     if scale is None:
         return F.linear(x, w, bias)

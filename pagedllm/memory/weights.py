@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
-from pagedllm.quant_config import CHECKPOINT_METHODS, LAYER_LINEARS, RTN_SCHEMES, QuantFormat
+from pagedllm.quant_config import CHECKPOINT_METHODS, LAYER_LINEARS, MOE_EXPERTS, RTN_SCHEMES, QuantFormat
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; a checkpoint's
@@ -20,6 +20,7 @@ FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_DTYPES = (*FLOAT_BYTES, *RTN_SCHEMES)
 # where each tensor of tensor_specs lives in the checkpoint (a layer's under model.layers.<i>.)
 _MODULES = {**{m.rsplit(".", 1)[1]: m for m in LAYER_LINEARS}, "router": "mlp.gate",
+            "experts.gate_up_proj": MOE_EXPERTS, "experts.down_proj": MOE_EXPERTS,
             "embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "lm_head (tied copy)": "model.embed_tokens"}
 
 
@@ -35,7 +36,7 @@ class TensorSpec:
     cols: int  # input features; 1 for vectors
     split: str  # "rows", "cols", "kv", "vocab" or "replicated"
     stage: str  # "first", "last" or "layer"
-    int8: bool = True  # quantized under weight-only quantization (routed experts stay in the activation dtype)
+    quantized: bool = True  # under weight-only quantization (a MoE router stays in the activation dtype, as AWQ / GPTQ keep it)
     experts: int = 0  # of a MoE layer's experts: how many this tensor stacks (the top k of them are active)
 
 
@@ -46,9 +47,9 @@ def _mlp_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
         return [TensorSpec("gate_proj", inter, h, "rows", "layer"), TensorSpec("up_proj", inter, h, "rows", "layer"),
                 TensorSpec("down_proj", h, inter, "cols", "layer")]
     e, inter = cfg.num_experts, cfg.moe_intermediate_size
-    return [TensorSpec("router", e, h, "replicated", "layer"),
-            TensorSpec("experts.gate_up_proj", e * 2 * inter, h, "rows", "layer", int8=False, experts=e),
-            TensorSpec("experts.down_proj", h, e * inter, "cols", "layer", int8=False, experts=e)]
+    return [TensorSpec("router", e, h, "replicated", "layer", quantized=False),
+            TensorSpec("experts.gate_up_proj", e * 2 * inter, h, "rows", "layer", experts=e),
+            TensorSpec("experts.down_proj", h, e * inter, "cols", "layer", experts=e)]
 
 
 def tensor_specs(cfg: ModelConfig, i: int = 0) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -88,8 +89,8 @@ def _local_shape(spec: TensorSpec, cfg: ModelConfig, tp: int) -> tuple[int, int]
 
 
 def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> QuantFormat | None:
-    """The quantized format a tensor is stored in, None for floats (vectors, experts, unquantized weights)."""
-    if spec.cols == 1 or not spec.int8 or dtype in FLOAT_BYTES:
+    """The quantized format a tensor is stored in, None for floats (vectors, unquantized weights)."""
+    if spec.cols == 1 or not spec.quantized or dtype in FLOAT_BYTES:
         return None
     if dtype in CHECKPOINT_METHODS:
         module = _MODULES[spec.name] if spec.stage != "layer" else f"model.layers.{layer}.{_MODULES[spec.name]}"
@@ -100,7 +101,12 @@ def _format(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int) -> Quant
 
 def _bytes(cfg: ModelConfig, dtype: str, spec: TensorSpec, layer: int, rows: int, cols: int) -> int:
     fmt = _format(cfg, dtype, spec, layer)
-    return fmt.nbytes(rows, cols) if fmt else rows * cols * FLOAT_BYTES.get(dtype, cfg.dtype.itemsize)
+    if fmt is None:
+        return rows * cols * FLOAT_BYTES.get(dtype, cfg.dtype.itemsize)
+    if spec.experts:  # stacked experts: each expert's rows have their own groups
+        e = spec.experts
+        return e * (fmt.nbytes(rows // e, cols) if spec.split == "rows" else fmt.nbytes(rows, cols // e))
+    return fmt.nbytes(rows, cols)
 
 
 def count_parameters(cfg: ModelConfig, active: bool = False) -> int:

@@ -61,7 +61,7 @@ def to_grouped(get: Getter, base: str, quant: dict) -> dict[str, torch.Tensor]:
     scale = scales.t().contiguous().half()
     offset = (-(zeros - (128 if bits == 8 else 0)).float() * scales.float()).t().half()
     # one group per row becomes groups of 32 for 4-bit (quant_config.awq_gptq_format): the same scale repeated
-    repeat = awq_gptq_format(quant, moe=False).groups(k) // groups
+    repeat = awq_gptq_format(quant).groups(k) // groups
     scale, offset = (t.repeat_interleave(repeat, dim=1) for t in (scale, offset))
     if bits == 4:
         values = pack_int4(q.t().to(torch.uint8).contiguous())

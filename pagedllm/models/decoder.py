@@ -205,10 +205,10 @@ class DecoderForCausalLM(nn.Module):
 
     def checkpoint_target(self, name: str) -> tuple[str, object]:
         """The parameter a checkpoint tensor loads into, and the shard id its weight_loader takes."""
-        expert = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        expert = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight(_scale|_offset)?$", name)
         if expert and expert.group(3) in self.expert_modules:
             param, part = self.expert_modules[expert.group(3)]
-            return f"{expert.group(1)}.{param}", (int(expert.group(2)), part)
+            return f"{expert.group(1)}.{param}{expert.group(4) or ''}", (int(expert.group(2)), part)
         for ckpt_part, (ours, shard_id) in self.packed_modules.items():
             if f".{ckpt_part}." in name:
                 return name.replace(ckpt_part, ours), shard_id
@@ -235,12 +235,12 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight is self.model.embed_tokens.weight
 
     def _quantizable(self) -> dict[str, nn.Module]:
-        """The layers weight-only quantization applies to: linear layers (not MoE experts), the embedding and an
-        LM head of its own, by name."""
+        """The layers weight-only quantization applies to: linear layers but a MoE router (routing flips easily, and
+        AWQ / GPTQ keep it in floats too), the routed experts, the embedding and an LM head of its own, by name."""
         tied = self._tied_head()
         return {name: m for name, m in self.named_modules()
-                if isinstance(m, LinearBase) or (m is not None and m is self.model.embed_tokens)
-                or (m is not None and m is self.lm_head and not tied)}
+                if (isinstance(m, (LinearBase, FusedMoE)) and not isinstance(m, ReplicatedLinear))
+                or (m is not None and m is self.model.embed_tokens) or (m is not None and m is self.lm_head and not tied)}
 
     def quantize_(self, scheme: str) -> None:
         """Round-to-nearest weight-only quantization of the loaded weights (config.RTN_SCHEMES: linear layers in one
@@ -248,7 +248,10 @@ class DecoderForCausalLM(nn.Module):
         tied = self._tied_head()
         linear_format, table_format = RTN_SCHEMES[scheme]
         for m in self._quantizable().values():
-            quant.quantize_module_(m, linear_format if isinstance(m, LinearBase) else table_format)
+            if isinstance(m, FusedMoE):
+                m.quantize_(linear_format)
+            else:
+                quant.quantize_module_(m, linear_format if isinstance(m, LinearBase) else table_format)
         if tied:
             quant.share_weights(self.lm_head, self.model.embed_tokens)
 
@@ -264,7 +267,9 @@ class DecoderForCausalLM(nn.Module):
         for name, m in self._quantizable().items():
             fmt = ours.get(name) or (ours.get("model.embed_tokens") if m is self.lm_head and
                                      self.model.embed_tokens is None else None)
-            if fmt is not None:
+            if isinstance(m, FusedMoE) and fmt is not None:
+                m.make_quantized_(fmt)
+            elif fmt is not None:
                 quant.make_quantized_(m, fmt)
         if tied:
             quant.share_weights(self.lm_head, self.model.embed_tokens)
