@@ -235,8 +235,9 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight is self.model.embed_tokens.weight
 
     def _quantizable(self) -> dict[str, nn.Module]:
-        """The layers weight-only quantization applies to: linear layers but a MoE router (routing flips easily, and
-        AWQ / GPTQ keep it in floats too), the routed experts, the embedding and an LM head of its own, by name."""
+        """The layers weight-only quantization applies to: linear layers but a MoE router (it makes a discrete top-k
+        choice; AWQ / GPTQ keep it in floats too), the routed experts, the embedding and an LM head of its own, by
+        name."""
         tied = self._tied_head()
         return {name: m for name, m in self.named_modules()
                 if (isinstance(m, (LinearBase, FusedMoE)) and not isinstance(m, ReplicatedLinear))
