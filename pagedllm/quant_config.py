@@ -15,6 +15,9 @@ class QuantFormat:
     bits: int  # 4 or 8
     group_size: int | None = None  # values per scale; None: the whole row
     offset: bool = False  # asymmetric (scale * q + offset) rather than scale * q
+    # GPTQ act-order: the input features were grouped in another order; the columns are stored sorted by group and
+    # a layer permutes its input to match (weight_perm)
+    act_order: bool = False
 
     def groups(self, k: int) -> int:
         return 1 if self.group_size is None else k // self.group_size
@@ -60,15 +63,13 @@ def awq_gptq_format(quant: dict) -> QuantFormat:
         refuse = f"AWQ other than 4-bit GEMM layout with zero points (bits {bits}, version {quant.get('version')})"
     elif method == "gptq" and bits not in (4, 8):
         refuse = f"{bits}-bit GPTQ (4 and 8 bits run)"
-    elif method == "gptq" and quant.get("desc_act"):
-        refuse = "GPTQ with desc_act (act-order: groups out of input order)"
     elif method == "gptq" and quant.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
         refuse = f"GPTQ checkpoint_format {quant.get('checkpoint_format')!r}"
     if refuse:
         raise ValueError(f"pagedllm cannot run {refuse} yet")
-    if group in (None, -1, 0):
+    if group in (None, -1, 0):  # one group per row: the order of its features does not matter
         return QuantFormat(bits, INT4_BLOCK if bits == 4 else None, offset=True)
-    return QuantFormat(bits, int(group), offset=True)
+    return QuantFormat(bits, int(group), offset=True, act_order=method == "gptq" and bool(quant.get("desc_act")))
 
 
 def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe_layers: frozenset[int]) -> dict[str, QuantFormat]:

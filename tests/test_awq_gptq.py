@@ -50,10 +50,21 @@ def _quantize(w: torch.Tensor, bits: int, group: int, sym: bool):
     return q.reshape(k, n), zeros, scales, dequant.contiguous()
 
 
+def _input_order(base: str, k: int, act_order: bool) -> torch.Tensor:
+    """The order GPTQ quantized a layer's input features in: a random one under act-order, the same for the layers
+    that share an input (q, k and v; gate and up)."""
+    if not act_order:
+        return torch.arange(k)
+    module, proj = base.rsplit(".", 1)
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    return torch.randperm(k, generator=torch.Generator().manual_seed(sum(map(ord, module + shared.get(proj, proj)))))
+
+
 def _write(src: str, dst: str, method: str, bits: int = 4, group: int = 32, sym: bool = False,
-           checkpoint_format: str = "gptq") -> str:
+           checkpoint_format: str = "gptq", act_order: bool = False) -> str:
     """A copy of the float checkpoint at src quantized with `method` at dst, and at dst + "-ref" the float weights
-    it encodes (for HF)."""
+    it encodes (for HF). With act_order, GPTQ's groups take the input features in a random order (g_idx says which
+    group each feature is in)."""
     for folder in (dst, dst + "-ref"):
         shutil.copytree(src, folder)
     tensors = load_file(os.path.join(src, "model.safetensors"))
@@ -64,7 +75,10 @@ def _write(src: str, dst: str, method: str, bits: int = 4, group: int = 32, sym:
             quantized[name] = ref[name] = t
             continue
         n, k = t.shape
-        q, zeros, scales, ref[name] = _quantize(t.float(), bits, group, sym)
+        order = _input_order(base, k, act_order)
+        back = torch.argsort(order)  # feature j is the back[j]-th quantized
+        q, zeros, scales, ref_t = _quantize(t.float()[:, order], bits, group, sym)
+        q, ref[name] = q[back], ref_t[:, back].contiguous()
         quantized[f"{base}.scales"] = scales
         if method == "awq":
             quantized[f"{base}.qweight"] = _pack(q, bits, AWQ_ORDER)
@@ -73,7 +87,7 @@ def _write(src: str, dst: str, method: str, bits: int = 4, group: int = 32, sym:
             quantized[f"{base}.qweight"] = _pack(q.t(), bits).t().contiguous()  # packed along the inputs
             stored = zeros - 1 if checkpoint_format == "gptq" else zeros
             quantized[f"{base}.qzeros"] = _pack(stored & ((1 << bits) - 1), bits)
-            quantized[f"{base}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+            quantized[f"{base}.g_idx"] = (back // group).to(torch.int32)
     save_file(quantized, os.path.join(dst, "model.safetensors"))
     save_file(ref, os.path.join(dst + "-ref", "model.safetensors"))
     config_path = os.path.join(dst, "config.json")
@@ -83,7 +97,7 @@ def _write(src: str, dst: str, method: str, bits: int = 4, group: int = 32, sym:
                                          "zero_point": True, "version": "gemm"}
     else:
         config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
-                                         "desc_act": False, "checkpoint_format": checkpoint_format}
+                                         "desc_act": act_order, "checkpoint_format": checkpoint_format}
     json.dump(config, open(config_path, "w"))
     return dst
 
@@ -94,6 +108,8 @@ CASES = {  # name: (architecture, _write arguments)
     "gptq-sym": ("qwen3", dict(method="gptq", sym=True)),
     "gptq-v2-asym": ("llama", dict(method="gptq", checkpoint_format="gptq_v2")),
     "gptq-8bit": ("qwen3", dict(method="gptq", bits=8, sym=True)),
+    "gptq-act-order": ("qwen3", dict(method="gptq", act_order=True)),
+    "gptq-act-order-8bit-llama": ("llama", dict(method="gptq", bits=8, sym=True, act_order=True, group=64)),
     "gptq-moe": ("qwen3_moe", dict(method="gptq", sym=True)),  # every expert quantized, the router not
     "awq-moe": ("qwen3_moe", dict(method="awq")),
 }
@@ -140,7 +156,29 @@ def test_tensor_parallel_shards_along_groups(quantized, name):
         llm.shutdown()
 
 
+def test_act_order_checkpoint_requantized_keeps_its_input_order(quantized):
+    """Requantizing an act-order checkpoint (--quantization int8) dequantizes it at load: its columns go back to the
+    input order, so it scores as the float weights it encodes do."""
+    tokens = [5, 17, 300, 4000, 22, 9]
+    scores = []
+    for folder, quantization in ((quantized["gptq-act-order"], "int8"), (quantized["gptq-act-order"] + "-ref", None)):
+        with LLM(folder, dtype="float32", quantization=quantization, kv_cache_memory=2 << 20, max_model_len=256) as llm:
+            scores.append(llm.engine.score(tokens))
+    assert torch.nn.functional.cosine_similarity(*scores, dim=-1).min() > 0.99
+
+
 def test_act_order_and_other_variants_are_refused(quantized, tmp_path):
+    with pytest.raises(ValueError, match="act-order"):
+        LLM(quantized["gptq-act-order"], dtype="float32", kv_cache_memory=2 << 20, tensor_parallel_size=2)
+    folder = str(tmp_path / "act-order-k")  # k_proj quantized in input order, q_proj and v_proj in another
+    shutil.copytree(quantized["gptq-act-order"], folder)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name].sort().values.contiguous()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="permute their shared input differently"):
+        LLM(folder, dtype="float32", kv_cache_memory=2 << 20)
     folder = str(tmp_path / "act-order")
     shutil.copytree(quantized["gptq-sym"], folder)
     path = os.path.join(folder, "model.safetensors")
@@ -148,10 +186,10 @@ def test_act_order_and_other_variants_are_refused(quantized, tmp_path):
     name = "model.layers.0.self_attn.q_proj.g_idx"
     tensors[name] = tensors[name].flip(0).contiguous()
     save_file(tensors, path)
-    with pytest.raises(ValueError, match="act-order"):
+    with pytest.raises(ValueError, match="out of input order, but the checkpoint's desc_act is false"):
         LLM(folder, dtype="float32", kv_cache_memory=2 << 20)
     config = json.load(open(os.path.join(folder, "config.json")))
-    for edit, message in [({"desc_act": True}, "desc_act"), ({"bits": 3}, "3-bit GPTQ")]:
+    for edit, message in [({"bits": 3}, "3-bit GPTQ")]:
         json.dump({**config, "quantization_config": {**config["quantization_config"], **edit}},
                   open(os.path.join(folder, "config.json"), "w"))
         with pytest.raises(ValueError, match=message):

@@ -76,6 +76,22 @@ def make_quantized_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -
     groups = torch.empty(*lead, n, fmt.groups(k), dtype=torch.float16, device=device)
     _set(module, name, (values, groups, torch.empty_like(groups) if fmt.offset else None),
          getattr(weight, "weight_loader", None))
+    if fmt.act_order:
+        if lead:
+            raise ValueError("GPTQ act-order (desc_act) for MoE experts is not supported yet")
+        perm = nn.Parameter(torch.full((k,), -1, dtype=torch.int32, device=device), requires_grad=False)
+        perm.weight_loader = _load_perm
+        module.weight_perm = perm
+
+
+def _load_perm(param: nn.Parameter, loaded, shard_id=None) -> None:
+    """An act-order layer's input permutation; the parts of a fused layer (q, k and v; gate and up) share their input,
+    so they must share it."""
+    loaded = loaded.to(param.dtype)
+    if param.data[0] >= 0 and not torch.equal(param.data, loaded):
+        raise ValueError("GPTQ act-order: the parts of one fused layer (q / k / v or gate / up) permute their shared "
+                         "input differently; pagedllm runs them as one matmul and cannot")
+    param.data.copy_(loaded)
 
 
 def quantize_module_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -> None:
@@ -125,7 +141,10 @@ def embed(module: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T for a float or quantized module weight."""
+    """x @ W^T for a float or quantized module weight (an act-order one's input permuted to its column order)."""
+    perm = getattr(module, "weight_perm", None)
+    if perm is not None:
+        x = x.index_select(-1, perm)
     return matmul(x, module.weight, *scale_and_offset(module), module.native, bias)
 
 

@@ -6,7 +6,9 @@ int32 words of 32 / bits values: GPTQ packs qweight [K / pack, N] along the inpu
 [groups, N / pack] along the outputs, in order, and its original format ("gptq", v1) stores each zero minus one;
 AutoAWQ's GEMM layout packs both qweight [K, N / 8] and qzeros along the outputs, in the order 0 2 4 6 1 3 5 7.
 The values and fp16 scales are kept as they are; the zeros become offsets -zero * scale, rounded to fp16 (within
-2^-11 of each weight's zero point: the one rounding this conversion adds).
+2^-11 of each weight's zero point: the one rounding this conversion adds). GPTQ's act-order (desc_act) assigns
+input features to groups out of order (g_idx): their columns are sorted by group, and the layer permutes its input
+to match (the permutation comes with the layer as .weight_perm), as vLLM's GPTQ kernels do.
 """
 
 from __future__ import annotations
@@ -29,33 +31,40 @@ def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     return (words[..., None] >> shifts) & ((1 << bits) - 1)
 
 
-def _awq(get: Getter, base: str, quant: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [K, N], zeros [groups, N]) of an AutoAWQ GEMM layer."""
+def _awq(get: Getter, base: str, quant: dict) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """(q [K, N], zeros [groups, N], no permutation) of an AutoAWQ GEMM layer."""
     order = list(AWQ_COLUMN_NIBBLE)
     q = _unpack(get(f"{base}.qweight"), 4)[..., order].flatten(1)
     zeros = _unpack(get(f"{base}.qzeros"), 4)[..., order].flatten(1)
-    return q, zeros
+    return q, zeros, None
 
 
-def _gptq(get: Getter, base: str, quant: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [K, N], zeros [groups, N]) of a GPTQ layer whose groups follow the input order (desc_act is refused
-    earlier; a g_idx saying otherwise is refused here)."""
+def _gptq(get: Getter, base: str, quant: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q [K, N] with its rows sorted by group, zeros [groups, N], and with desc_act the input features in that
+    order)."""
     bits = quant["bits"]
     q = _unpack(get(f"{base}.qweight"), bits).transpose(1, 2).flatten(0, 1)  # word [i, n]: inputs pack * i ...
     zeros = _unpack(get(f"{base}.qzeros"), bits).flatten(1)
     if quant.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1  # v1 stored zero - 1 (its loaders add the one back without wrapping: so do we)
+    k, groups = q.shape[0], zeros.shape[0]
+    in_order, act_order = torch.arange(k) // (k // groups), awq_gptq_format(quant).act_order
     g_idx = get(f"{base}.g_idx")
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(q.shape[0]) // (q.shape[0] // zeros.shape[0])):
-        raise ValueError(f"{base}: GPTQ groups out of input order (act-order) are not supported yet")
-    return q, zeros
+    if g_idx is None or torch.equal(g_idx.long(), in_order):
+        return q, zeros, torch.arange(k) if act_order else None
+    if not act_order:
+        raise ValueError(f"{base}: GPTQ groups out of input order, but the checkpoint's desc_act is false")
+    perm = torch.sort(g_idx.long(), stable=True).indices
+    if not torch.equal(g_idx.long()[perm], in_order):
+        raise ValueError(f"{base}: GPTQ act-order groups of unequal sizes")
+    return q[perm], zeros, perm
 
 
 def to_grouped(get: Getter, base: str, quant: dict) -> dict[str, torch.Tensor]:
     """The layer `base` of an AWQ / GPTQ checkpoint as pagedllm's tensors: {".weight": values, ".weight_scale":
     fp16 [N, groups], ".weight_offset": fp16 [N, groups]}; `get` returns a checkpoint tensor by name, or None."""
     bits = quant.get("bits", quant.get("w_bit"))
-    q, zeros = (_awq if quant["quant_method"] == "awq" else _gptq)(get, base, quant)
+    q, zeros, perm = (_awq if quant["quant_method"] == "awq" else _gptq)(get, base, quant)
     scales = get(f"{base}.scales")
     k, groups = q.shape[0], scales.shape[0]
     scale = scales.t().contiguous().half()
@@ -67,4 +76,5 @@ def to_grouped(get: Getter, base: str, quant: dict) -> dict[str, torch.Tensor]:
         values = pack_int4(q.t().to(torch.uint8).contiguous())
     else:
         values = (q.t() - 128).to(torch.int8).contiguous()
-    return {".weight": values, ".weight_scale": scale, ".weight_offset": offset.contiguous()}
+    parts = {".weight": values, ".weight_scale": scale, ".weight_offset": offset.contiguous()}
+    return parts if perm is None else {**parts, ".weight_perm": perm.to(torch.int32)}

@@ -38,7 +38,7 @@ def _layer_pattern(name: str) -> str:
     return re.sub(r"\.layers\.\d+\.", ".layers.#.", name)
 
 
-_QUANT_SUFFIXES = (".weight_scale", ".weight_offset")
+_QUANT_SUFFIXES = (".weight_scale", ".weight_offset", ".weight_perm")
 
 
 def _tensors(files: dict, quant: dict, dequantize_to: torch.dtype | None):
@@ -64,8 +64,11 @@ def _tensors(files: dict, quant: dict, dequantize_to: torch.dtype | None):
         if dequantize_to is None:
             yield from ((base + suffix, t) for suffix, t in parts.items())
         else:
-            yield f"{base}.weight", quant_layer.dequantize(parts[".weight"], parts[".weight_scale"],
-                                                          parts.get(".weight_offset"), dequantize_to)
+            w = quant_layer.dequantize(parts[".weight"], parts[".weight_scale"], parts.get(".weight_offset"),
+                                       dequantize_to)
+            if ".weight_perm" in parts:  # act-order: the columns back in input order
+                w = w[:, torch.argsort(parts[".weight_perm"].long())]
+            yield f"{base}.weight", w
 
 
 def load_weights(model: DecoderForCausalLM, folder: str, dequantize_to: torch.dtype | None = None) -> None:

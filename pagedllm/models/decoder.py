@@ -145,7 +145,9 @@ class DecoderModel(CustomOp):
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
         self.stage_layers: tuple[DecoderLayer, ...] = tuple(self.layers[stage.start:stage.end])
-        self.fusable = get_tp_group().size == 1 and not cfg.num_experts  # the fused kernel has a dense MLP
+        # the fused kernel has a dense MLP, and takes no input permutations (GPTQ act-order)
+        self.fusable = (get_tp_group().size == 1 and not cfg.num_experts
+                        and not any(f.act_order for f in cfg.quant_formats.values()))
         self._kv_caches: list[torch.Tensor] = []
 
     def forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,
