@@ -43,22 +43,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return name if isinstance(name, torch.dtype) else TORCH_DTYPES[dtype_name(name)]
 
 
-# generation_config.json's sampling fields -> SamplingParams' (vLLM applies the same ones)
-GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
-def read_generation_defaults(folder: str) -> dict:
-    """The sampling defaults a checkpoint's generation_config.json recommends (Qwen3: temperature 0.6, top_p 0.95,
-    top_k 20), under SamplingParams' names; {} when it has none."""
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        gen = json.load(f)
-    return {ours: gen[hf] for hf, ours in GENERATION_FIELDS.items() if gen.get(hf) is not None}
-
-
 def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
     """Each tensor-parallel rank keeps its share of KV heads; with more ranks than KV heads each keeps one (replicated)."""
     return max(1, num_kv_heads // tp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.config import (
-    GENERATION_FIELDS,
     CacheConfig,
     EngineConfig,
     LoadConfig,
@@ -18,7 +18,6 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
     parse_dtype,
-    read_generation_defaults,
 )
 from pagedllm.kernels import ATTENTION_BACKENDS
 from pagedllm.model_loader.resolve import resolve_model
@@ -28,6 +27,22 @@ from pagedllm.spec_config import SpeculativeConfig
 from pagedllm.worker.cuda_graphs import graph_sizes
 
 logger = logging.getLogger("pagedllm")
+
+# generation_config.json's sampling fields -> SamplingParams' (vLLM applies the same ones)
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def read_generation_defaults(folder: str) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json recommends (Qwen3: temperature 0.6, top_p 0.95,
+    top_k 20), under SamplingParams' names; {} when it has none."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        gen = json.load(f)
+    return {ours: gen[hf] for hf, ours in GENERATION_FIELDS.items() if gen.get(hf) is not None}
+
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
