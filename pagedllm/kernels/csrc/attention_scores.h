@@ -45,33 +45,6 @@ inline __m512 sum_lanes(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
 }
 
-// r[i] lane j <- r[j] lane i for 16 vectors of 16 32-bit lanes: unpacks within 128-bit lanes, then a 4 x 4
-// transpose of the lanes.
-inline void transpose16(__m512* r) {
-  __m512 t[16];
-  for (int j = 0; j < 16; j += 2) {
-    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-  }
-  for (int j = 0; j < 16; j += 4) {  // r[4g + m], lane L: element 4L + m of rows 4g .. 4g + 3
-    const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 2]);
-    const __m512d c = _mm512_castps_pd(t[j + 1]), d = _mm512_castps_pd(t[j + 3]);
-    r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int m = 0; m < 4; ++m) {  // element 4L + m of all rows: lane g of the output from lane L of r[4g + m]
-    const __m512 p0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), p1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
-    const __m512 p2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44), p3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
-    t[m] = _mm512_shuffle_f32x4(p0, p2, 0x88);
-    t[4 + m] = _mm512_shuffle_f32x4(p0, p2, 0xDD);
-    t[8 + m] = _mm512_shuffle_f32x4(p1, p3, 0x88);
-    t[12 + m] = _mm512_shuffle_f32x4(p1, p3, 0xDD);
-  }
-  for (int j = 0; j < 16; ++j) r[j] = t[j];
-}
-
 // Few rows in bf16, on CPUs with AVX512-BF16: 16 keys at a time, each q . k by pairwise bf16 dot products
 // straight into fp32 (the products are exact; no conversion of the keys), then 16 horizontal sums at once.
 // q[r] is row r's query in bf16, unscaled.

@@ -2,8 +2,9 @@
 // AVX512-BF16. W is dequantized one panel of 64 output features at a time into a buffer the core's L2 holds, in the
 // layout vdpbf16ps multiplies (each vector: a pair of K values for 16 features), and every row of x is multiplied
 // with the panel before the next one is dequantized. Dequantizing the whole matrix for torch's matmul instead
-// wrote it out beyond L2 and read it back: at 64 rows the embedded model's 4-bit layers took 1.2-1.4x the time of
-// its bf16 ones. The values multiplied are the dequantized matrix's (bf16 of s * q + o), summed in fp32.
+// wrote it out beyond L2 and read it back: measured on the embedded model's 30 layers at 9-64 rows, 4-bit took
+// 0.93-1.02x bf16's time that way and 0.80-0.90x this way. The values multiplied are the dequantized matrix's (bf16
+// of s * q + o), summed in fp32.
 #pragma once
 
 #include "quant_gemv.h"
@@ -16,35 +17,8 @@ namespace pagedllm::cpu {
 constexpr int64_t kPanel = 64;     // output features per panel: four vectors of 16
 constexpr int64_t kTileRows = 6;   // rows of x per register tile (6 x 4 fp32 accumulators)
 
-// Sixteen vectors of 16 32-bit lanes transposed in place (r[i] lane j <-> r[j] lane i): pairs within 128-bit lanes,
-// then the 128-bit lanes of four vectors at a time.
-PAGEDLLM_BF16_DOT inline void transpose_16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  __m512i u[16];  // u[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3
-  for (int g = 0; g < 4; ++g) {
-    const __m512i* p = t + 4 * g;
-    u[4 * g] = _mm512_unpacklo_epi64(p[0], p[2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(p[0], p[2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(p[1], p[3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(p[1], p[3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-    const __m512i d = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), e = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(a, d, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(a, d, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(b, e, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(b, e, 0xDD);
-  }
-}
-
 // Features [n0, n0 + 16 * vectors) of W as bf16 pairs: panel[p * kPanel + f] holds K values 2p and 2p + 1 of
-// feature n0 + f. sf, of: room for the panel's scales and offsets in fp32 (converted a row at a time: one at a
-// time, fp16 to fp32 in scalar code cost more than the rest of the dequantization).
+// feature n0 + f. sf, of: room for the panel's scales and offsets in fp32 (converted a row at a time).
 template <typename W>
 PAGEDLLM_BF16_DOT void dequantize_panel(const QuantWeight<W>& w, int64_t n0, int64_t vectors, uint32_t* panel,
                                         float* sf, float* of) {
@@ -53,17 +27,19 @@ PAGEDLLM_BF16_DOT void dequantize_panel(const QuantWeight<W>& w, int64_t n0, int
     halves_to_float(w.scale + (n0 + f) * groups, sf + f * groups, groups);
     if (w.offset != nullptr) halves_to_float(w.offset + (n0 + f) * groups, of + f * groups, groups);
   }
-  __m512i r[16];
+  __m512 r[16];  // 16 features' 32 values as bf16 pairs (16 32-bit lanes each)
   for (int64_t v = 0; v < vectors; ++v)
     for (int64_t i = 0; i < w.k; i += 32) {
       const int64_t g = i / g_size;
       for (int64_t f = 0; f < 16; ++f) {
         const int64_t at = (16 * v + f) * groups + g;
-        r[f] = dequantize_block_bf16(w.values + (n0 + 16 * v + f) * w.row_stride(), i, _mm512_set1_ps(sf[at]),
-                                     w.offset != nullptr ? _mm512_set1_ps(of[at]) : _mm512_setzero_ps());
+        const __m512 o = w.offset != nullptr ? _mm512_set1_ps(of[at]) : _mm512_setzero_ps();
+        r[f] = _mm512_castsi512_ps(
+            dequantize_block_bf16(w.values + (n0 + 16 * v + f) * w.row_stride(), i, _mm512_set1_ps(sf[at]), o));
       }
-      transpose_16x16(r);  // r[j]: values i + 2j, i + 2j + 1 of the 16 features
-      for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (i / 2 + j) * kPanel + 16 * v, r[j]);
+      transpose16(r);  // r[j]: values i + 2j, i + 2j + 1 of the 16 features
+      for (int64_t j = 0; j < 16; ++j)
+        _mm512_storeu_si512(panel + (i / 2 + j) * kPanel + 16 * v, _mm512_castps_si512(r[j]));
     }
 }
 
