@@ -62,7 +62,8 @@ def _gptq(get: Getter, base: str, quant: dict) -> tuple[torch.Tensor, torch.Tens
 
 def to_grouped(get: Getter, base: str, quant: dict) -> dict[str, torch.Tensor]:
     """The layer `base` of an AWQ / GPTQ checkpoint as pagedllm's tensors: {".weight": values, ".weight_scale":
-    fp16 [N, groups], ".weight_offset": fp16 [N, groups]}; `get` returns a checkpoint tensor by name, or None."""
+    fp16 [N, groups], ".weight_offset": fp16 [N, groups]}, and under act-order ".weight_perm" (the input feature of
+    each column, int32 [K]); `get` returns a checkpoint tensor by name, or None."""
     bits = quant.get("bits", quant.get("w_bit"))
     q, zeros, perm = (_awq if quant["quant_method"] == "awq" else _gptq)(get, base, quant)
     scales = get(f"{base}.scales")
