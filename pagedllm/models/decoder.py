@@ -106,13 +106,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def native_params(self) -> list[torch.Tensor | None]:
-        """This layer's weights in the order the native kernel takes them (kernels/csrc/decoder_layer_cpu.cpp)."""
+        """This layer's weights in the order the native kernel takes them (kernels/csrc/decoder_layer_cpu.cpp): the
+        norms and rotary tables, then each linear layer's weight, bias, scale, offset and input permutation."""
         attn, mlp = self.self_attn, self.mlp
-        return [self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                *quant.scale_and_offset(attn.qkv_proj), attn.q_norm.weight if attn.qk_norm else None,
-                attn.k_norm.weight if attn.qk_norm else None, attn.o_proj.weight, *quant.scale_and_offset(attn.o_proj),
-                self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, *quant.scale_and_offset(mlp.gate_up_proj),
-                mlp.down_proj.weight, *quant.scale_and_offset(mlp.down_proj), attn.rotary.cos, attn.rotary.sin]
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        return [self.input_layernorm.weight, attn.q_norm.weight if attn.qk_norm else None,
+                attn.k_norm.weight if attn.qk_norm else None, self.post_attention_layernorm.weight, attn.rotary.cos,
+                attn.rotary.sin, *(p for m in linears for p in (m.weight, m.bias, *quant.scale_and_offset(m),
+                                                                  getattr(m, "weight_perm", None)))]
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,7 @@ class DecoderModel(CustomOp):
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
         self.stage_layers: tuple[DecoderLayer, ...] = tuple(self.layers[stage.start:stage.end])
-        # the fused kernel has a dense MLP, and takes no input permutations (GPTQ act-order)
-        self.fusable = (get_tp_group().size == 1 and not cfg.num_experts
-                        and not any(f.act_order for f in cfg.quant_formats.values()))
+        self.fusable = get_tp_group().size == 1 and not cfg.num_experts  # the fused kernel has a dense MLP
         self._kv_caches: list[torch.Tensor] = []
 
     def forward_torch(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None,

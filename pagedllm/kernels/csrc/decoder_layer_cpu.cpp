@@ -14,23 +14,47 @@ namespace pagedllm {
 
 namespace {
 
-constexpr size_t kLayerParams = 19;  // per layer, in models/decoder.py's DecoderLayer.native_params order
+// A linear layer's tensors: weight, bias, scale, offset, and the input permutation of a GPTQ act-order layer.
+constexpr size_t kLinearParams = 5;
+// Per layer, in models/decoder.py's DecoderLayer.native_params order: input_norm, q_norm, k_norm, post_norm, cos,
+// sin, then qkv, o, gate_up and down with kLinearParams each.
+constexpr size_t kLayerParams = 6 + 4 * kLinearParams;
+
+using Weights = c10::List<std::optional<at::Tensor>>;
+
+struct Linear {
+  at::Tensor weight;
+  std::optional<at::Tensor> bias, scale, offset, perm;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return linear(perm ? x.index_select(1, *perm) : x, weight, bias, scale, offset);
+  }
+};
+
+// One layer's view of the weights list.
+struct LayerWeights {
+  const Weights& all;
+  size_t first;
+
+  std::optional<at::Tensor> get(size_t j) const { return all.get(first + j); }
+  Linear linear_at(size_t j) const {
+    const size_t at = 6 + j * kLinearParams;
+    return {*get(at), get(at + 1), get(at + 2), get(at + 3), get(at + 4)};
+  }
+};
+
+// The step's attention inputs, shared by every layer.
+struct StepMeta {
+  const at::Tensor &positions, &slot_mapping, &block_tables, &query_start, &context_lens;
+};
 
 // residual += x (the previous layer's output; none before the first layer), then this layer on the normed
 // residual. Updates x and residual in place and returns the layer's output.
-at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& positions,
-                         at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                         const at::Tensor& block_tables, const at::Tensor& query_start, const at::Tensor& context_lens,
-                         const at::Tensor& input_norm, const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias,
-                         const std::optional<at::Tensor>& qkv_scale, const std::optional<at::Tensor>& qkv_offset,
-                         const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                         const at::Tensor& o, const std::optional<at::Tensor>& o_scale,
-                         const std::optional<at::Tensor>& o_offset, const at::Tensor& post_norm,
-                         const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale,
-                         const std::optional<at::Tensor>& gate_up_offset, const at::Tensor& down,
-                         const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& down_offset,
-                         const at::Tensor& cos,
-                         const at::Tensor& sin, int64_t num_heads, double eps, double scale) {
+at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residual, const StepMeta& meta,
+                         at::Tensor& k_cache, at::Tensor& v_cache, const LayerWeights& w, int64_t num_heads,
+                         double eps, double scale) {
+  const auto input_norm = *w.get(0), post_norm = *w.get(3), cos = *w.get(4), sin = *w.get(5);
+  const auto q_norm = w.get(1), k_norm = w.get(2);
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decoder_layer: q_norm and k_norm come together");
   at::Tensor h;
   if (x) {
@@ -40,7 +64,7 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
     h = rms_norm(residual, input_norm, eps);
   }
   const int64_t tokens = residual.size(0), kv_heads = k_cache.size(0), head_dim = k_cache.size(3);
-  const auto proj = linear(h, qkv, qkv_bias, qkv_scale, qkv_offset);
+  const auto proj = w.linear_at(0)(h);
   auto q = proj.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
   auto k = proj.narrow(1, num_heads * head_dim, kv_heads * head_dim).view({tokens, kv_heads, head_dim});
   const auto v = proj.narrow(1, (num_heads + kv_heads) * head_dim, kv_heads * head_dim).view({tokens, kv_heads, head_dim});
@@ -48,14 +72,14 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
     q = rms_norm(q.contiguous(), *q_norm, eps);
     k = rms_norm(k.contiguous(), *k_norm, eps);
   }
-  rotary_embedding(positions, q, cos, sin);
-  rotary_embedding(positions, k, cos, sin);
-  reshape_and_cache(k, v, k_cache, v_cache, slot_mapping);
-  const auto attn = paged_attention(q, k_cache, v_cache, block_tables, query_start, context_lens, scale);
-  auto out = linear(attn.view({tokens, num_heads * head_dim}), o, std::nullopt, o_scale, o_offset);
+  rotary_embedding(meta.positions, q, cos, sin);
+  rotary_embedding(meta.positions, k, cos, sin);
+  reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping);
+  const auto attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, scale);
+  auto out = w.linear_at(1)(attn.view({tokens, num_heads * head_dim}));
   fused_add_rms_norm(out, residual, post_norm, eps);
-  const auto act = silu_and_mul(linear(out, gate_up, std::nullopt, gate_up_scale, gate_up_offset));
-  return linear(act, down, std::nullopt, down_scale, down_offset);
+  const auto act = silu_and_mul(w.linear_at(2)(out));
+  return w.linear_at(3)(act);
 }
 
 }  // namespace
@@ -65,18 +89,17 @@ at::Tensor decoder_layer(const std::optional<at::Tensor>& x, at::Tensor& residua
 at::Tensor decoder_layers(const std::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& positions,
                           const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& query_start,
                           const at::Tensor& context_lens, at::TensorList kv_caches,
-                          const c10::List<std::optional<at::Tensor>>& weights, int64_t num_heads, double eps,
+                          const Weights& weights, int64_t num_heads, double eps,
                           double scale) {
   const size_t layers = kv_caches.size() / 2;
   TORCH_CHECK(kv_caches.size() == 2 * layers && weights.size() == kLayerParams * layers,
               "decoder_layers: two KV pools and ", kLayerParams, " weights per layer");
   std::optional<at::Tensor> h = x;
+  const StepMeta meta{positions, slot_mapping, block_tables, query_start, context_lens};
   for (size_t i = 0; i < layers; ++i) {
-    auto w = [&](size_t j) -> std::optional<at::Tensor> { return weights.get(i * kLayerParams + j); };
     at::Tensor k_cache = kv_caches[2 * i], v_cache = kv_caches[2 * i + 1];
-    h = decoder_layer(h, residual, positions, k_cache, v_cache, slot_mapping, block_tables, query_start, context_lens,
-                      *w(0), *w(1), w(2), w(3), w(4), w(5), w(6), *w(7), w(8), w(9), *w(10), *w(11), w(12), w(13),
-                      *w(14), w(15), w(16), *w(17), *w(18), num_heads, eps, scale);
+    h = decoder_layer(h, residual, meta, k_cache, v_cache, LayerWeights{weights, i * kLayerParams}, num_heads, eps,
+                      scale);
   }
   TORCH_CHECK(h.has_value(), "decoder_layers: no layers and no input");
   return *h;
