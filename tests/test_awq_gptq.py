@@ -131,6 +131,8 @@ def test_checkpoint_gives_hf_tokens_of_the_weights_it_encodes(quantized, name):
     llm = LLM(quantized[name], dtype="float32", max_model_len=256, kv_cache_memory=2 << 20)
     method = CASES[name][1]["method"]
     assert llm.engine.config.load.quantization == method  # detected, as vLLM does
+    decoder = llm.engine.executor.driver.runner.model.model
+    assert decoder.native and decoder.fusable == ("moe" not in name)  # act-order too runs the fused CPU kernel
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     for out, p in zip(outs, prompts):
