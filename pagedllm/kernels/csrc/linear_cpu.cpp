@@ -14,6 +14,7 @@
 #include "cpu_vec.h"
 #include "ops.h"
 #include "quant_gemm.h"
+#include "quant_gemv_int8.h"
 
 #include <sys/mman.h>
 
@@ -104,6 +105,38 @@ void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n_out, int64_t k)
         y[m * n_out + n] = static_cast<T>(s);
       }
     }
+  });
+}
+
+// y [M, N] = x [M, K] W^T (+ bias) for a quantized W.
+template <typename T, typename W, int64_t M>
+void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Int4>) {
+    if (cpu_has_bf16_dot()) {
+      const auto in = prepare_int4_input(x, M, w.k, w.groups);
+      at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+        quant_gemv_rows_int4_bf16<M>(in.x.data(), in.sums.data(), w, bias, y, n_out, begin, end);
+      });
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, int8_t>) {
+    if (cpu_has_bf16_dot() && int8_kernel_applies(w.k, w.k / w.groups)) {
+      const auto in = prepare_int8_input(x, M, w.k, w.groups);
+      at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+        quant_gemv_rows_int8_bf16<M>(in.x.data(), in.sums.data(), w, bias, y, n_out, begin, end);
+      });
+      return;
+    }
+  }
+#endif
+  const int64_t k = w.k;
+  std::vector<float> xf(M * k);
+  for (int64_t i = 0; i < M * k; ++i) xf[i] = static_cast<float>(x[i]);
+  const auto xsum = w.offset != nullptr ? group_sums(xf.data(), M, k, w.groups) : std::vector<float>();
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    quant_gemv_rows<T, W, M>(xf.data(), xsum.data(), w, bias, y, n_out, begin, end);
   });
 }
 

@@ -235,29 +235,6 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
 }
 #endif
 
-// y [M, N] = x [M, K] W^T (+ bias) for a quantized W.
-template <typename T, typename W, int64_t M>
-void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<W, Int4>) {
-    if (cpu_has_bf16_dot()) {
-      const auto in = prepare_int4_input(x, M, w.k, w.groups);
-      at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
-        quant_gemv_rows_int4_bf16<M>(in.x.data(), in.sums.data(), w, bias, y, n_out, begin, end);
-      });
-      return;
-    }
-  }
-#endif
-  const int64_t k = w.k;
-  std::vector<float> xf(M * k);
-  for (int64_t i = 0; i < M * k; ++i) xf[i] = static_cast<float>(x[i]);
-  const auto xsum = w.offset != nullptr ? group_sums(xf.data(), M, k, w.groups) : std::vector<float>();
-  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
-    quant_gemv_rows<T, W, M>(xf.data(), xsum.data(), w, bias, y, n_out, begin, end);
-  });
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // Values [i, i + 32) of a row (a 4-bit block's two nibbles, or 32 int8 values) as s * q + o in bf16: fp32 products
 // rounded to nearest even (vcvtne2ps2bf16, as at::BFloat16 rounds).
