@@ -170,12 +170,65 @@ PAGEDLLM_BF16_DOT inline Int4Input prepare_int4_input(const at::BFloat16* x, int
   return in;
 }
 
+// 64 bytes as 32 16-bit lanes, split into four vectors of bf16 (128 + nibble): the low and high nibbles of the
+// even bytes (a, b) and of the odd ones (c, d). A nibble n OR 0x4300 is the bf16 of 128 + n, exactly.
+struct Nibbles {
+  __m512bh a, b, c, d;
+};
+
+PAGEDLLM_BF16_DOT inline Nibbles split_nibbles(__m512i v) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
+  return {(__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias128, 0xEA),  // (v & nibble) | bias128
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias128, 0xEA),
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nibble, bias128, 0xEA),
+          (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bias128)};
+}
+
+// A row's accumulators start from (offset - bias * scale) . sum(x) per group, where bias is what the nibbles'
+// 128s add per unit of sum(x); the row's scales are left in fp32 in sf.
+template <int64_t M>
+PAGEDLLM_BF16_DOT inline void start_row(__m512 (&acc)[M], const at::Half* scale, const at::Half* offset, int64_t groups,
+                                        const float* xsum, float bias, float* sf) {
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scale + g));
+    const __m512 o = offset != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offset + g)) : _mm512_setzero_ps();
+    _mm512_storeu_ps(sf + g, s);
+    const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(-bias), s, o);
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), acc[m]);
+  }
+}
+
+// acc[m] += s * (the four nibble vectors . four vectors of row m's x, at x + m * stride).
+template <int64_t M>
+PAGEDLLM_BF16_DOT inline void dot_chunk(__m512 (&acc)[M], const at::BFloat16* x, int64_t stride, const Nibbles& w,
+                                        __m512 s) {
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* xr = x + m * stride;
+    __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xr), w.a);
+    p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 32), w.b);
+    p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 64), w.c);
+    p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 96), w.d);
+    acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
+  }
+}
+
+template <int64_t M>
+PAGEDLLM_BF16_DOT inline void finish_row(const __m512 (&acc)[M], const at::BFloat16* bias, at::BFloat16* y,
+                                         int64_t n_out, int64_t n) {
+  for (int64_t m = 0; m < M; ++m) {
+    float r = _mm512_reduce_add_ps(acc[m]);
+    if (bias != nullptr) r += static_cast<float>(bias[n]);
+    y[m * n_out + n] = static_cast<at::BFloat16>(r);
+  }
+}
+
 // Output rows [begin, end); groups are a power-of-two multiple of 32.
 template <int64_t M>
 PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const float* xsum, const QuantWeight<Int4>& w,
                                                  const at::BFloat16* bias, at::BFloat16* y, int64_t n_out,
                                                  int64_t begin, int64_t end) {
-  const __m512i nibble = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
   const int64_t k = w.k, groups = w.groups, padded = (k + kInt4Chunk - 1) / kInt4Chunk * kInt4Chunk;
   const int shift = __builtin_ctzll(k / groups / 32);  // blocks per group = 1 << shift
   // which of a chunk's four block scales each fp32 lane of the products takes
@@ -185,17 +238,8 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
     const uint8_t* row = reinterpret_cast<const uint8_t*>(w.values) + n * (k / 2);
     const at::Half* sr = w.scale + n * groups;
     const at::Half* orow = w.offset != nullptr ? w.offset + n * groups : nullptr;
-    // starts from (offset - 128 scale) . sum(x) per group: the offsets and the 128s of the lookup-free conversion
     __m512 acc[M];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g));
-      const __m512 o = orow != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, orow + g)) : _mm512_setzero_ps();
-      _mm512_storeu_ps(sf.data() + g, s);
-      const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(-128.f), s, o);
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), acc[m]);
-    }
+    start_row<M>(acc, sr, orow, groups, xsum, 128.f, sf.data());  // x (128 + q) = x q + 128 x
     // the scales and offsets (a byte per 8 values) as far ahead as the values
     _mm_prefetch(reinterpret_cast<const char*>(sr) + kPrefetchBytes / 8, _MM_HINT_T0);
     if (orow != nullptr) _mm_prefetch(reinterpret_cast<const char*>(orow) + kPrefetchBytes / 8, _MM_HINT_T0);
@@ -204,10 +248,6 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
       const int64_t blocks = std::min<int64_t>(4, (k - i) / 32);
       const __m512i v = blocks == 4 ? _mm512_loadu_si512(row + i / 2)
                                     : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * blocks)) - 1), row + i / 2);
-      const __m512bh a = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias128, 0xEA);  // (v & nibble) | bias128
-      const __m512bh b = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias128, 0xEA);
-      const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nibble, bias128, 0xEA);
-      const __m512bh d = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bias128);
       // the four blocks' scales, each over the four fp32 lanes of its products
       __m512 s;
       if (shift == 0) {
@@ -217,20 +257,9 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int4_bf16(const at::BFloat16* xi, const f
         s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_setr_ps(
             sf[b0 >> shift], sf[(b0 + 1) >> shift], sf[(b0 + 2) >> shift], sf[(b0 + 3) >> shift])));
       }
-      for (int64_t m = 0; m < M; ++m) {
-        const at::BFloat16* xr = xi + m * padded + i;
-        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xr), a);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 32), b);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 64), c);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 96), d);
-        acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
-      }
+      dot_chunk<M>(acc, xi + i, padded, split_nibbles(v), s);
     }
-    for (int64_t m = 0; m < M; ++m) {
-      float r = _mm512_reduce_add_ps(acc[m]);
-      if (bias != nullptr) r += static_cast<float>(bias[n]);
-      y[m * n_out + n] = static_cast<at::BFloat16>(r);
-    }
+    finish_row<M>(acc, bias, y, n_out, n);
   }
 }
 #endif

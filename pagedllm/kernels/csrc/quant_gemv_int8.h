@@ -69,7 +69,6 @@ template <int64_t M>
 PAGEDLLM_BF16_DOT void quant_gemv_rows_int8_bf16(const at::BFloat16* xi, const float* xsum,
                                                  const QuantWeight<int8_t>& w, const at::BFloat16* bias,
                                                  at::BFloat16* y, int64_t n_out, int64_t begin, int64_t end) {
-  const __m512i nibble = _mm512_set1_epi16(0x000F), bias128 = _mm512_set1_epi16(0x4300);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t k = w.k, groups = w.groups, g_size = k / groups;
   alignas(64) int32_t lanes[16];  // lane l of a chunk's products: values 4l .. 4l + 3, in this group of the chunk's
@@ -78,41 +77,18 @@ PAGEDLLM_BF16_DOT void quant_gemv_rows_int8_bf16(const at::BFloat16* xi, const f
   std::vector<float> sf(groups + 16);
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w.values + n * k;
-    const at::Half* sr = w.scale + n * groups;
-    const at::Half* orow = w.offset != nullptr ? w.offset + n * groups : nullptr;
-    // starts from (offset - 2304 scale) . sum(x) per group: the offsets and the 128s of the nibbles
     __m512 acc[M];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g));
-      const __m512 o = orow != nullptr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, orow + g)) : _mm512_setzero_ps();
-      _mm512_storeu_ps(sf.data() + g, s);
-      const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(-2304.f), s, o);
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * groups + g), acc[m]);
-    }
+    // x (128 + lo) + 16 x (128 + hi) = x (q + 128) + 2176 x = x q + 2304 x
+    start_row<M>(acc, w.scale + n * groups, w.offset != nullptr ? w.offset + n * groups : nullptr, groups, xsum,
+                 2304.f, sf.data());
     for (int64_t i = 0; i < k; i += kInt8Chunk) {
       _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + i), flip);  // q + 128, unsigned
-      const __m512bh lo_even = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias128, 0xEA);  // (v & nibble) | bias128
-      const __m512bh hi_even = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias128, 0xEA);
-      const __m512bh lo_odd = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nibble, bias128, 0xEA);
-      const __m512bh hi_odd = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), bias128);
+      const Nibbles q = split_nibbles(_mm512_xor_si512(_mm512_loadu_si512(row + i), flip));  // of q + 128, unsigned
+      // the even pairs with the even bytes' low nibbles, the odd with the odd bytes', then 16 x with the high ones
       const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(sf.data() + i / g_size));
-      for (int64_t m = 0; m < M; ++m) {
-        const at::BFloat16* xr = xi + (m * k + i) * 2;
-        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xr), lo_even);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 32), lo_odd);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 64), hi_even);
-        p = _mm512_dpbf16_ps(p, (__m512bh)_mm512_loadu_si512(xr + 96), hi_odd);
-        acc[m] = _mm512_fmadd_ps(p, s, acc[m]);
-      }
+      dot_chunk<M>(acc, xi + 2 * i, 2 * k, Nibbles{q.a, q.c, q.b, q.d}, s);
     }
-    for (int64_t m = 0; m < M; ++m) {
-      float r = _mm512_reduce_add_ps(acc[m]);
-      if (bias != nullptr) r += static_cast<float>(bias[n]);
-      y[m * n_out + n] = static_cast<at::BFloat16>(r);
-    }
+    finish_row<M>(acc, bias, y, n_out, n);
   }
 }
 #endif
