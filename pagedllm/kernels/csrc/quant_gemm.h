@@ -60,9 +60,7 @@ PAGEDLLM_BF16_DOT void panel_tile(const at::BFloat16* x, int64_t k, const uint32
     }
   }
   for (int64_t v = 0; v < V; ++v) {
-    const __m512 bv = bias != nullptr ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + 16 * v))), 16))
-                                      : _mm512_setzero_ps();
+    const __m512 bv = bias != nullptr ? __m512(load_float(bias + 16 * v)) : _mm512_setzero_ps();
     for (int64_t m = 0; m < R; ++m)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * n_out + 16 * v),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][v], bv)));

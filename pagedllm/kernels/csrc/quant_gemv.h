@@ -48,17 +48,18 @@ inline void unpack_int4_block(const Int4* row, int64_t i, float* out) {
 }
 
 // Per input row m and group g, the sum of x over the group (for the offsets).
-inline std::vector<float> group_sums(const float* xf, int64_t rows, int64_t k, int64_t groups) {
+template <typename T>
+std::vector<float> group_sums(const T* x, int64_t rows, int64_t k, int64_t groups) {
   std::vector<float> sums(rows * groups);
   const int64_t g_size = k / groups;
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t g = 0; g < groups; ++g) {
-      const float* p = xf + m * k + g * g_size;
+      const T* p = x + m * k + g * g_size;
       Vec acc(0.f);
       int64_t i = 0;
-      for (; i + kLanes <= g_size; i += kLanes) acc = acc + Vec::loadu(p + i);
+      for (; i + kLanes <= g_size; i += kLanes) acc = acc + load_float(p + i);
       float s = sum_of(acc);
-      for (; i < g_size; ++i) s += p[i];
+      for (; i < g_size; ++i) s += static_cast<float>(p[i]);
       sums[m * groups + g] = s;
     }
   return sums;

@@ -34,14 +34,13 @@ PAGEDLLM_BF16_DOT inline __m512i bf16_times_16(__m512i v) {
 }
 
 PAGEDLLM_BF16_DOT inline Int8Input prepare_int8_input(const at::BFloat16* x, int64_t rows, int64_t k, int64_t groups) {
-  Int8Input in{std::vector<at::BFloat16>(rows * k * 2), std::vector<float>(rows * groups, 0.f)};
+  Int8Input in{std::vector<at::BFloat16>(rows * k * 2), group_sums(x, rows, k, groups)};
   alignas(64) int16_t even[32], odd[32];
   for (int w = 0; w < 32; ++w) {
     even[w] = static_cast<int16_t>(4 * (w / 2) + 2 * (w % 2));
     odd[w] = static_cast<int16_t>(even[w] + 1);
   }
   const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
-  const int64_t g_size = k / groups;
   for (int64_t m = 0; m < rows; ++m) {
     const at::BFloat16* xr = x + m * k;
     for (int64_t c = 0; c < k; c += kInt8Chunk) {
@@ -52,13 +51,6 @@ PAGEDLLM_BF16_DOT inline Int8Input prepare_int8_input(const at::BFloat16* x, int
       _mm512_storeu_si512(out + 32, xo);
       _mm512_storeu_si512(out + 64, bf16_times_16(xe));
       _mm512_storeu_si512(out + 96, bf16_times_16(xo));
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 s = _mm512_setzero_ps();
-      for (int64_t i = g * g_size; i < (g + 1) * g_size; i += 16)
-        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
-      in.sums[m * groups + g] = _mm512_reduce_add_ps(s);
     }
   }
   return in;
