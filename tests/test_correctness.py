@@ -67,3 +67,15 @@ def test_greedy_matches_hf_under_preemption(tiny_models, references, arch):
 def test_greedy_matches_hf_with_small_token_budget(tiny_models, references, arch):
     llm = LLM(tiny_models[arch], dtype="float32", max_num_batched_tokens=16, enable_prefix_caching=False)
     _check(llm, references(arch))
+
+
+def test_scoring_a_position_per_step_gives_the_prompts_logits(tiny_models):
+    """engine.score(tokens, step_tokens=1) computes each position as a decode step does (what `bench quantization`
+    compares decode arithmetic with); in fp32 the logits are the one-step prompt's."""
+    import torch
+
+    llm = LLM(tiny_models["qwen3"], max_model_len=256)
+    tokens = list(range(3, 45))
+    torch.testing.assert_close(llm.engine.score(tokens, step_tokens=1), llm.engine.score(tokens), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.engine.score(tokens, step_tokens=5), llm.engine.score(tokens), atol=1e-4, rtol=1e-4)
+    assert_pool_empty(llm)

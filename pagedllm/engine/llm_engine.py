@@ -134,15 +134,21 @@ class LLMEngine:
                     self.scheduler.finish(seq)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one prompt (teacher forcing), e.g. to compare precisions. Runs alone:
-        call it between steps, not while requests are in flight."""
+    def score(self, token_ids: list[int], step_tokens: int | None = None) -> torch.Tensor:
+        """Logits at every position of one prompt (teacher forcing), e.g. to compare precisions: in one step, or
+        `step_tokens` positions per step (1: each computed as a decode step computes it). Runs alone: call it between
+        steps, not while requests are in flight."""
         seq = Request("score", None, list(token_ids), SamplingParams(max_tokens=1)).seqs[0]
         if not self.block_manager.can_allocate(seq, seq.num_tokens):
             raise ValueError("the prompt does not fit in the free KV blocks")
         self.block_manager.allocate(seq, seq.num_tokens)
+        n, parts = seq.num_tokens, []
         try:
-            return self.executor.score(step_inputs([ScheduledSeq(seq, seq.num_tokens)], [], []))
+            for start in range(0, n, step_tokens or n):
+                seq.num_computed_tokens = start
+                parts.append(self.executor.score(step_inputs([ScheduledSeq(seq, min(n - start, step_tokens or n))],
+                                                             [], [])))
+            return torch.cat(parts)
         finally:
             self.block_manager.free(seq)
 

@@ -165,11 +165,23 @@ def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor
     torch.ops.pagedllm.rotary_embedding(positions, x, cos, sin)
 
 
+def tiled_weights_supported() -> bool:
+    """Whether this CPU runs quantized weights tiled for int8 dot products (csrc/quant_gemv_tiled.h)."""
+    return load_cpu_ops() and torch.ops.pagedllm.tiled_weights_supported()
+
+
+def int8_activations() -> bool:
+    """Whether decode steps multiply quantized weights with int8 activations (tiled weights, where the CPU has int8
+    dot products), as llama.cpp and vLLM's GGUF kernels do: faster, at a small cost in accuracy that `pagedllm bench
+    quantization` measures. PAGEDLLM_INT8_ACTIVATIONS=0 keeps bf16 activations, as prompts always have."""
+    return os.environ.get("PAGEDLLM_INT8_ACTIVATIONS", "1") != "0" and tiled_weights_supported()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias); quantized weights (int8 [N, K] or 4-bit [N, K / 2]) come with fp16 group
-    scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows (8 for 4-bit weights) stream
-    the weights at memory speed; more go to torch's matmul."""
+    """x [M, K] @ weight [N, K]^T (+ bias); quantized weights (int8 [N, K] or 4-bit [N, K / 2], or either tiled) come
+    with fp16 group scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows (8 for 4-bit and
+    tiled weights) stream the weights at memory speed; more go to a matrix product."""
     return torch.ops.pagedllm.linear(x, weight, bias, scale, offset)
 
 

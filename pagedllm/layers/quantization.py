@@ -6,6 +6,10 @@ per group. 4-bit values sit in blocks of 32 as GGUF stores Q4_0 / Q4_1 (byte j: 
 value j + 16 in the high one), so those files load by copying bytes; int8 with one scale per row is the case
 group_size = K. Decode batches multiply straight from the packed values (kernels/csrc/quant_gemv.h), reading a
 quarter (4-bit) or half (8-bit) of bf16's bytes; large batches dequantize once per call for the bf16 matmul.
+
+On CPUs with int8 dot products (AVX512-VNNI) a bf16 model's quantized linear layers are tiled after loading
+(`tile_for_int8_dot_`): the same bytes, rows interleaved by 16 for kernels/csrc/quant_gemv_tiled.h, whose decode
+GEMV quantizes the activations to int8 per 32 values, as llama.cpp's and vLLM's GGUF kernels do.
 """
 
 from __future__ import annotations
@@ -52,9 +56,51 @@ def quantize(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Ten
     return pack_int4(q.view(n, k)), scale, offset
 
 
+TILE = 16  # output features per tile of the tiled layout
+
+
+def tile(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> tuple:
+    """[N, bytes] values and [N, groups] scales / offsets -> the tiled layout: each row's 32-bit words interleaved
+    over 16 rows ([N / 16, bytes / 4, 64]; [N / 16, groups, 16])."""
+    n = values.shape[0]
+    words = values.view(torch.int32).view(n // TILE, TILE, -1).transpose(1, 2).contiguous()
+    return (words.view(values.dtype),
+            *(None if t is None else t.view(n // TILE, TILE, -1).transpose(1, 2).contiguous() for t in (scale, offset)))
+
+
+def untile(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> tuple:
+    """The inverse of `tile` (a no-op on untiled tensors)."""
+    if values.dim() == 2:
+        return values, scale, offset
+    n = values.shape[0] * TILE
+    rows = values.view(torch.int32).transpose(1, 2).reshape(n, -1).view(values.dtype)
+    return rows, *(None if t is None else t.transpose(1, 2).reshape(n, -1) for t in (scale, offset))
+
+
+def tileable(module: nn.Module) -> bool:
+    """A quantized [N, K] weight the tiled kernels take: N a multiple of 16, groups of a multiple of 32 values."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not is_quantized(module):
+        return False
+    k = w.shape[1] * (2 if w.dtype == torch.uint8 else 1)
+    return w.shape[0] % TILE == 0 and (k // module.weight_scale.shape[1]) % 32 == 0
+
+
+def tile_for_int8_dot_(model: nn.Module) -> None:
+    """Tile, in place, the quantized weights of the layers that run natively (linear layers, the LM head; a tied
+    embedding shares the head's tensors and reads its rows through `untile`)."""
+    for module in model.modules():
+        if hasattr(type(module), "native") and tileable(module):
+            params = [getattr(module, name, None) for name in ("weight", "weight_scale", "weight_offset")]
+            for p, t in zip(params, tile(*(None if p is None else p.data for p in params))):
+                if p is not None:
+                    p.data = t
+
+
 def dequantize(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                dtype: torch.dtype) -> torch.Tensor:
-    """The float matrix [N, K] (computed in fp32, as the kernels do, then cast)."""
+    """The float matrix [N, K] (computed in fp32, as the kernels do, then cast), from either layout."""
+    values, scale, offset = untile(values, scale, offset)
     q = unpack_int4(values) if values.dtype == torch.uint8 else values
     n, k = q.shape
     w = q.float().view(n, scale.shape[1], -1) * scale.float()[..., None]
@@ -131,13 +177,20 @@ def is_quantized(module: nn.Module) -> bool:
 
 def embed(module: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows of an embedding table, dequantized if it is quantized."""
-    rows = F.embedding(ids, module.weight)
     if not is_quantized(module):
-        return rows
-    scale, offset = scale_and_offset(module)
-    flat = rows.view(-1, rows.shape[-1])
-    out = dequantize(flat, scale[ids.reshape(-1)], None if offset is None else offset[ids.reshape(-1)], dtype)
+        return F.embedding(ids, module.weight)
+    out = dequantize(*_rows(module, ids.reshape(-1)), dtype)
     return out.view(*ids.shape, -1)
+
+
+def _rows(module: nn.Module, ids: torch.Tensor) -> tuple:
+    """Rows `ids` of a quantized weight (values, scale, offset) in the untiled layout, from either layout."""
+    w, scale, offset = module.weight, *scale_and_offset(module)
+    if w.dim() == 2:
+        index = (ids,)
+    else:  # row r is lane r % 16 of tile r // 16
+        index, w = (ids // TILE, slice(None), ids % TILE), w.view(torch.int32)
+    return (w[index].view(module.weight.dtype), scale[index], None if offset is None else offset[index])
 
 
 def linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:

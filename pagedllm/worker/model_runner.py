@@ -6,9 +6,10 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.forward_context import attention_metadata
-from pagedllm.kernels import native_attention_supported, native_ops_enabled, triton_attention_enabled
+from pagedllm.kernels import int8_activations, native_attention_supported, native_ops_enabled, triton_attention_enabled
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import enable_native_ops
+from pagedllm.layers.quantization import tile_for_int8_dot_
 from pagedllm.model_loader.weights import build_model
 from pagedllm.models.decoder import Stage
 from pagedllm.platform import advise_huge_pages, move_to_huge_pages
@@ -21,8 +22,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device, stage: Stage | None = None):
         self.config, self.device, self.dtype = config, device, config.dtype
         self.model = build_model(config, device, stage)
+        native = native_ops_enabled(device, self.dtype)
+        if native and self.dtype == torch.bfloat16 and int8_activations():
+            tile_for_int8_dot_(self.model)
         move_to_huge_pages(self.model)  # its CPU parameters; a no-op on other devices
-        if native_ops_enabled(device, self.dtype):
+        if native:
             enable_native_ops(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.kv_cache: torch.Tensor | None = None

@@ -15,6 +15,7 @@
 #include "ops.h"
 #include "quant_gemm.h"
 #include "quant_gemv_int8.h"
+#include "quant_gemv_tiled.h"
 
 #include <sys/mman.h>
 
@@ -159,7 +160,31 @@ template <typename W>
 QuantWeight<W> quant_weight(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
                             int64_t k) {
   return {static_cast<const W*>(weight.data_ptr()), scale.data_ptr<at::Half>(),
-          offset ? offset->data_ptr<at::Half>() : nullptr, scale.size(1), k};
+          offset ? offset->data_ptr<at::Half>() : nullptr, scale.size(1), k, weight.dim() == 3};
+}
+
+// Up to kMaxQuantRows rows with a tiled weight (quant_gemv_tiled.h; arguments checked by linear).
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
+  const auto xc = x.contiguous();
+  const int64_t n_out = weight.size(0) * kTileFeatures, k = x.size(1);
+  auto y = at::empty({x.size(0), n_out}, x.options());
+#if defined(CPU_CAPABILITY_AVX512)
+  PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tiled_linear", [&] {
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    with_rows(x.size(0), [&](auto rows) {
+      constexpr int64_t M = decltype(rows)::value;
+      if (weight.scalar_type() == at::kByte) {
+        tiled_gemv<scalar_t, Int4, M>(xc.data_ptr<scalar_t>(), quant_weight<Int4>(weight, scale, offset, k), b,
+                                      y.data_ptr<scalar_t>(), n_out);
+      } else {
+        tiled_gemv<scalar_t, int8_t, M>(xc.data_ptr<scalar_t>(), quant_weight<int8_t>(weight, scale, offset, k), b,
+                                        y.data_ptr<scalar_t>(), n_out);
+      }
+    });
+  });
+#endif
+  return y;
 }
 
 // The GEMV for up to kMaxRows rows of x, kMaxQuantRows for 4-bit weights (arguments checked by linear).
@@ -200,12 +225,13 @@ bool quant_gemm_applies(const at::Tensor& x, const at::Tensor& scale, int64_t n,
 
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
-  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  const int64_t n = scale.size(0) * (weight.dim() == 3 ? kTileFeatures : 1);
+  auto y = at::empty({x.size(0), n}, x.options());
 #if defined(CPU_CAPABILITY_AVX512)
   const auto xc = x.contiguous();
   const auto run = [&](const auto& w) {
     quant_gemm_bf16(xc.data_ptr<at::BFloat16>(), x.size(0), w, bias ? bias->data_ptr<at::BFloat16>() : nullptr,
-                    y.data_ptr<at::BFloat16>(), weight.size(0));
+                    y.data_ptr<at::BFloat16>(), n);
   };
   if (weight.scalar_type() == at::kByte) {
     run(quant_weight<Int4>(weight, scale, offset, x.size(1)));
@@ -252,32 +278,46 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
 namespace pagedllm {
 
 // x: [M, K]; weight: [N, K] in x's dtype, or quantized: int8 [N, K] or 4-bit uint8 [N, K / 2] with fp16 scale
-// [N, groups] and optionally offset [N, groups]; bias: [N] or none. Returns [M, N]. Up to kMaxRows rows
-// (kMaxQuantRows for 4-bit weights) stream the weights through the GEMVs above; more rows are a matrix product:
-// float weights through oneDNN, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16), elsewhere torch's
-// int8-weight kernel (per-row int8, up to kInt8KernelRows rows) or the weights dequantized once per call.
+// [N, groups] and optionally offset [N, groups], or tiled for int8 dot products (quant_gemv_tiled.h: values
+// [N / 16, K / 4 or K / 8, 64], scale and offset [N / 16, groups, 16]); bias: [N] or none. Returns [M, N]. Up to
+// kMaxRows rows (kMaxQuantRows for 4-bit and tiled weights) stream the weights through the GEMVs above; more rows are
+// a matrix product: float weights through oneDNN, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16),
+// elsewhere torch's int8-weight kernel (per-row int8, up to kInt8KernelRows rows) or the weights dequantized once
+// per call.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2, "linear: x [M, K] and weight [N, *] on the CPU");
-  const bool int8 = weight.scalar_type() == at::kChar, int4 = weight.scalar_type() == at::kByte;
-  const int64_t n = weight.size(0), k = x.size(1);
-  TORCH_CHECK(weight.is_contiguous() && (int8 || int4 || weight.scalar_type() == x.scalar_type()),
+  const bool tiled = weight.dim() == 3, int8 = weight.scalar_type() == at::kChar, int4 = weight.scalar_type() == at::kByte;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (weight.dim() == 2 || tiled),
+              "linear: x [M, K] and weight [N, *] (or tiled) on the CPU");
+  const int64_t k = x.size(1), tile = tiled ? cpu::kTileFeatures : 1, n = weight.size(0) * tile;
+  TORCH_CHECK(weight.is_contiguous() && (int8 || int4 || (!tiled && weight.scalar_type() == x.scalar_type())),
               "linear: weight dtype");
-  TORCH_CHECK(weight.size(1) == (int4 ? k / 2 : k), "linear: weight [N, K] (4-bit: [N, K / 2])");
+  TORCH_CHECK(tiled ? weight.size(2) == 64 && weight.size(1) * 64 / tile == (int4 ? k / 2 : k) && cpu::cpu_has_int8_dot()
+                    : weight.size(1) == (int4 ? k / 2 : k),
+              "linear: weight [N, K] (4-bit: [N, K / 2]), or tiled [N / 16, K / 4 or K / 8, 64] on a CPU with "
+              "AVX512-VNNI");
   TORCH_CHECK((int8 || int4) == scale.has_value() && (scale.has_value() || !offset.has_value()),
               "linear: quantized weights need a scale (and may have an offset), others neither");
   TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n),
               "linear: bias is [N] in x's dtype");
   for (const auto* t : {&scale, &offset})
-    TORCH_CHECK(!*t || ((*t)->scalar_type() == at::kHalf && (*t)->is_contiguous() && (*t)->dim() == 2 &&
-                        (*t)->size(0) == n && (*t)->size(1) == scale->size(1) && k % (*t)->size(1) == 0),
-                "linear: scale and offset are fp16 [N, groups], groups dividing K");
+    TORCH_CHECK(!*t || ((*t)->scalar_type() == at::kHalf && (*t)->is_contiguous() && (*t)->dim() == weight.dim() &&
+                        (*t)->size(0) == weight.size(0) && (*t)->size(1) == scale->size(1) && k % (*t)->size(1) == 0 &&
+                        (!tiled || ((*t)->size(2) == tile && (k / (*t)->size(1)) % cpu::kQuantBlock == 0))),
+                "linear: scale and offset are fp16 [N, groups] (tiled: [N / 16, groups, 16], groups of a multiple "
+                "of 32), groups dividing K");
   if (int4) {
     const int64_t g_size = scale->size(1) > 0 ? k / scale->size(1) : 0;
     TORCH_CHECK(k % 32 == 0 && g_size % 32 == 0 && (g_size & (g_size - 1)) == 0,
                 "linear: 4-bit weights need K a multiple of 32 and groups of 32 times a power of two");
   }
   if (x.size(0) == 0) return at::empty({0, n}, x.options());
+  if (tiled) {
+    if (x.size(0) <= cpu::kMaxQuantRows) return cpu::tiled_linear(x, weight, bias, *scale, offset);
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear: tiled weights multiply more than ", cpu::kMaxQuantRows,
+                " rows in bf16 only");
+    return cpu::quant_gemm(x, weight, bias, *scale, offset);
+  }
   if (x.size(0) <= (int4 ? cpu::kMaxQuantRows : cpu::kMaxRows)) {
     return cpu::small_batch_linear(x, weight, bias, scale, offset);
   }
@@ -293,8 +333,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
 }  // namespace pagedllm
 
+namespace {
+bool tiled_weights_supported() { return pagedllm::cpu::cpu_has_int8_dot(); }
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? offset) -> Tensor");
+  m.def("tiled_weights_supported() -> bool", &tiled_weights_supported);
 }
 
 TORCH_LIBRARY_IMPL(pagedllm, CPU, m) { m.impl("linear", &pagedllm::linear); }

@@ -7,7 +7,7 @@
 // of s * q + o), summed in fp32.
 #pragma once
 
-#include "quant_gemv.h"
+#include "quant_gemv_tiled.h"
 
 #include <vector>
 
@@ -22,12 +22,20 @@ constexpr int64_t kTileRows = 6;   // rows of x per register tile (6 x 4 fp32 ac
 template <typename W>
 PAGEDLLM_BF16_DOT void dequantize_panel(const QuantWeight<W>& w, int64_t n0, int64_t vectors, uint32_t* panel,
                                         float* sf, float* of) {
+  __m512 r[16];  // 16 features' 32 values as bf16 pairs (16 32-bit lanes each)
+  const auto store = [&](int64_t v, int64_t i) PAGEDLLM_BF16_DOT {
+    for (int64_t j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (i / 2 + j) * kPanel + 16 * v, _mm512_castps_si512(r[j]));
+  };
+  if (w.tiled) {
+    for (int64_t v = 0; v < vectors; ++v)
+      for (int64_t i = 0; i < w.k; i += 32) dequantize_tile_pairs(w, n0 / kTileFeatures + v, i, r), store(v, i);
+    return;
+  }
   const int64_t groups = w.groups, g_size = w.k / groups;
   for (int64_t f = 0; f < 16 * vectors; ++f) {
     halves_to_float(w.scale + (n0 + f) * groups, sf + f * groups, groups);
     if (w.offset != nullptr) halves_to_float(w.offset + (n0 + f) * groups, of + f * groups, groups);
   }
-  __m512 r[16];  // 16 features' 32 values as bf16 pairs (16 32-bit lanes each)
   for (int64_t v = 0; v < vectors; ++v)
     for (int64_t i = 0; i < w.k; i += 32) {
       const int64_t g = i / g_size;
@@ -38,8 +46,7 @@ PAGEDLLM_BF16_DOT void dequantize_panel(const QuantWeight<W>& w, int64_t n0, int
             dequantize_block_bf16(w.values + (n0 + 16 * v + f) * w.row_stride(), i, _mm512_set1_ps(sf[at]), o));
       }
       transpose16(r);  // r[j]: values i + 2j, i + 2j + 1 of the 16 features
-      for (int64_t j = 0; j < 16; ++j)
-        _mm512_storeu_si512(panel + (i / 2 + j) * kPanel + 16 * v, _mm512_castps_si512(r[j]));
+      store(v, i);
     }
 }
 

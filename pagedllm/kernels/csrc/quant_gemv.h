@@ -32,6 +32,7 @@ struct QuantWeight {
   int64_t groups;
   int64_t row_stride() const { return std::is_same_v<W, Int4> ? k / 2 : k; }
   int64_t k;
+  bool tiled = false;        // in quant_gemv_tiled.h's layout (values, scale and offset)
 };
 
 inline void halves_to_float(const at::Half* p, float* out, int64_t n) {
