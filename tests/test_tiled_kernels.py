@@ -92,10 +92,12 @@ def test_embedding_rows_read_from_tiled_tables():
 
 
 def test_a_quantized_bf16_model_runs_tiled(tiny_models, monkeypatch):
-    """int4 linear layers and the int8 embedding / LM head are tiled in a bf16 model; a prompt computed in one step
-    gives the logits of the untiled model (PAGEDLLM_INT8_ACTIVATIONS=0) exactly, and decode steps nearly."""
+    """With PAGEDLLM_INT8_ACTIVATIONS=1, int4 linear layers and the int8 embedding / LM head are tiled in a bf16
+    model; a prompt computed in one step gives the logits of the untiled model (the default for round-to-nearest
+    weights) exactly, and decode steps nearly."""
     from pagedllm import LLM
 
+    monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATIONS", "1")
     tokens = list(range(3, 40))
 
     def scores():
@@ -107,8 +109,22 @@ def test_a_quantized_bf16_model_runs_tiled(tiny_models, monkeypatch):
 
     prefill, decode, model = scores()
     assert model.model.layers[0].mlp.gate_up_proj.weight.dim() == 3 and model.lm_head.weight.dim() == 3
-    monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATIONS", "0")
+    monkeypatch.delenv("PAGEDLLM_INT8_ACTIVATIONS")
     plain_prefill, plain_decode, plain = scores()
     assert plain.lm_head.weight.dim() == 2
+    monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATIONS", "yes")
+    with pytest.raises(ValueError, match="PAGEDLLM_INT8_ACTIVATIONS must be one of auto, 1, 0"):
+        scores()
     assert torch.equal(prefill, plain_prefill)
     assert torch.nn.functional.cosine_similarity(decode.float(), plain_decode.float(), dim=-1).min() > 0.99
+
+
+def test_gguf_checkpoints_take_int8_activations_by_default():
+    """The embedded GGUF model, as vLLM's GGUF kernels and llama.cpp run such files; AWQ / GPTQ / RTN weights do not
+    (above)."""
+    from pagedllm import LLM
+
+    with LLM(max_model_len=256) as llm:
+        model = llm.engine.executor.driver.runner.model
+        assert model.lm_head.weight.dim() == 3 and model.model.layers[0].self_attn.qkv_proj.weight.dim() == 3
+        assert llm.generate(["The capital of France is"])[0].outputs[0].text
