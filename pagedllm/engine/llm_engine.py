@@ -144,10 +144,9 @@ class LLMEngine:
         self.block_manager.allocate(seq, seq.num_tokens)
         n, parts = seq.num_tokens, []
         try:
-            for start in range(0, n, step_tokens or n):
-                seq.num_computed_tokens = start
-                parts.append(self.executor.score(step_inputs([ScheduledSeq(seq, min(n - start, step_tokens or n))],
-                                                             [], [])))
+            for seq.num_computed_tokens in range(0, n, step_tokens or n):
+                chunk = ScheduledSeq(seq, min(n - seq.num_computed_tokens, step_tokens or n))
+                parts.append(self.executor.score(step_inputs([chunk], [], [])))
             return torch.cat(parts)
         finally:
             self.block_manager.free(seq)
