@@ -163,28 +163,30 @@ def test_qwen3_moe_experts_quantize_too(moe_model, quantization):
         engine.shutdown()
 
 
-def _write_llama_gguf(hf_folder: str, path: str, factors: list[float]) -> None:
-    """The checkpoint as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout, Llama 3's
-    scaling as a rope_freqs tensor, and the embedded model's tokenizer (the tiny checkpoints borrow it)."""
-    import numpy as np
+def _gguf_writer(hf_folder: str, path: str, arch: str):
+    """A GGUFWriter holding the checkpoint's metadata as llama.cpp's converter writes it, and the embedded model's
+    tokenizer (the tiny checkpoints borrow it); and the checkpoint's config."""
     from gguf import GGUFReader, GGUFWriter
-    from safetensors.torch import load_file
 
-    from pagedllm.model_loader.gguf_convert import _GLOBAL_TENSORS, _LAYER_TENSORS
     from pagedllm.model_loader.resolve import embedded_gguf_path
 
     config = json.load(open(os.path.join(hf_folder, "config.json")))
     tok = GGUFReader(embedded_gguf_path()).fields
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(config["num_attention_heads"])
     w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_rope_freq_base(10000.0)
+    w.add_key_length(config["head_dim"])
+    w.add_rope_freq_base(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
+    if config.get("num_local_experts"):  # transformers' name for num_experts
+        w.add_expert_count(config["num_local_experts"])
+        w.add_expert_used_count(config["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tok["tokenizer.ggml.tokens"].contents())
@@ -192,24 +194,73 @@ def _write_llama_gguf(hf_folder: str, path: str, factors: list[float]) -> None:
     w.add_token_merges(tok["tokenizer.ggml.merges"].contents())
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    return w, config
+
+
+def _gguf_name(name: str) -> str:
+    from pagedllm.model_loader.gguf_convert import _GLOBAL_TENSORS, _LAYER_TENSORS
+
     to_gguf = {v: k for k, v in {**_LAYER_TENSORS, **_GLOBAL_TENSORS}.items()}
-    for name, t in load_file(os.path.join(hf_folder, "model.safetensors")).items():
-        base, suffix = name.rsplit(".", 1)
-        if base.startswith("model.layers."):
-            _, _, i, part = base.split(".", 3)
-            gguf_name = f"blk.{i}.{to_gguf[part]}.{suffix}"
-        else:
-            gguf_name = f"{to_gguf[base]}.{suffix}"
-        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-        n = next((h for key, h in heads.items() if key in name), None)
-        if n is not None:  # llama.cpp's layout: each head's rotary halves interleaved
-            t = t.reshape(n, 2, t.shape[0] // n // 2, -1).transpose(1, 2).reshape(t.shape)
-        w.add_tensor(gguf_name, t.float().numpy())
-    w.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    base, suffix = name.rsplit(".", 1)
+    if base.startswith("model.layers."):
+        _, _, i, part = base.split(".", 3)
+        return f"blk.{i}.{to_gguf[part]}.{suffix}"
+    return f"{to_gguf[base]}.{suffix}"
+
+
+def _close(w) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _write_llama_gguf(hf_folder: str, path: str, factors: list[float]) -> None:
+    """Llama as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout, Llama 3's scaling as a
+    rope_freqs tensor."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    w, config = _gguf_writer(hf_folder, path, "llama")
+    for name, t in load_file(os.path.join(hf_folder, "model.safetensors")).items():
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        n = next((h for key, h in heads.items() if key in name), None)
+        if n is not None:  # llama.cpp's layout: each head's rotary halves interleaved
+            t = t.reshape(n, 2, t.shape[0] // n // 2, -1).transpose(1, 2).reshape(t.shape)
+        w.add_tensor(_gguf_name(name), t.float().numpy())
+    w.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32))
+    _close(w)
+
+
+def _write_qwen3_moe_gguf(hf_folder: str, path: str, ref_folder: str, expert_types: dict[str, object]) -> None:
+    """Qwen3-MoE as llama.cpp writes it: each layer's experts stacked [experts, N, K] per part (quantized to
+    expert_types[part]), the router as ffn_gate_inp; and, in ref_folder, the HF checkpoint of the weights it encodes."""
+    import re
+    import shutil
+
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file, save_file
+
+    w, config = _gguf_writer(hf_folder, path, "qwen3moe")
+    tensors = load_file(os.path.join(hf_folder, "model.safetensors"))
+    stacks: dict[tuple[str, str], list] = {}
+    for name, t in tensors.items():
+        if (m := re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", name)) is not None:
+            stacks.setdefault((m.group(1), m.group(3)), []).append((int(m.group(2)), name))
+        else:
+            w.add_tensor(_gguf_name(name), t.float().numpy())
+    for (layer, part), experts in stacks.items():
+        names = [name for _, name in sorted(experts)]
+        qtype = expert_types[part]
+        data = quantize(torch.stack([tensors[n] for n in names]).float().numpy(), qtype)
+        gguf_part = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}[part]
+        w.add_tensor(f"blk.{layer}.{gguf_part}.weight", data, raw_shape=data.shape, raw_dtype=qtype)
+        for n, values in zip(names, np.asarray(dequantize(data, qtype), dtype=np.float32)):
+            tensors[n] = torch.from_numpy(values.copy())
+    _close(w)
+    shutil.copytree(hf_folder, ref_folder)
+    save_file(tensors, os.path.join(ref_folder, "model.safetensors"))
 
 
 def test_a_llama3_gguf_with_rope_freqs_matches_hf(rope_models, tmp_path, monkeypatch):
@@ -234,3 +285,32 @@ def test_a_llama3_gguf_with_rope_freqs_matches_hf(rope_models, tmp_path, monkeyp
                             SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
         for out, p in zip(outs, prompts):
             assert_greedy_match(out.outputs[0].token_ids, *hf.greedy(p, 10))
+
+
+@pytest.mark.parametrize("down", ["Q4_0", "Q8_0"])
+def test_a_qwen3_moe_gguf_runs_its_experts_quantized(moe_model, tmp_path, monkeypatch, down):
+    """A Qwen3-MoE GGUF file (qwen3moe: stacked experts, the router as ffn_gate_inp): the experts load in their own
+    values (gate / up Q4_1 and down Q4_0 stay 4-bit; with down in Q8_0 all widen to int8, exactly), the router stays
+    in floats, HF's greedy tokens of the weights the file encodes, and planner bytes = engine bytes."""
+    from gguf import GGMLQuantizationType
+
+    from pagedllm import SamplingParams
+    from tests.helpers import HFReference, assert_greedy_match, plan_for
+
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path / "cache"))
+    path, ref = str(tmp_path / "moe.gguf"), str(tmp_path / "ref")
+    q = GGMLQuantizationType
+    _write_qwen3_moe_gguf(moe_model, path, ref, {"gate_proj": q.Q4_1, "up_proj": q.Q4_1, "down_proj": q[down]})
+    prompts = random_prompts(3, 10, 40, seed=15)
+    hf = HFReference(ref)
+    # fp32 activations beside the GGUF's own quantization (--dtype alone would dequantize it at load)
+    with LLM(path, dtype="float32", quantization="gguf", max_model_len=256, kv_cache_memory=2 << 20) as llm:
+        mlp = llm.engine.executor.driver.runner.model.model.layers[1].mlp
+        assert mlp.experts.w13_weight.dtype == mlp.experts.w2_weight.dtype == (torch.uint8 if down == "Q4_0" else torch.int8)
+        assert mlp.gate.weight.dtype == torch.float32
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+        for out, p in zip(outs, prompts):
+            assert_greedy_match(out.outputs[0].token_ids, *hf.greedy(p, 10), tie_tol=1e-2)  # scales rounded to fp16
+        plan = plan_for(path, dtype="float32", quantization="gguf", max_model_len=256)
+        assert plan["devices"][0]["weight_bytes"] == llm.engine.executor.weight_bytes()[0]

@@ -5,13 +5,15 @@ are stored as `<name>.weight`, `.weight_scale` and `.weight_offset`, and config.
 (quant_method "gguf") lists each layer's format; the engine runs them natively or dequantizes them at load
 (`--dtype`). Float tensors, and quantized types the kernels do not take, are stored as fp32. transformers builds
 the tokenizer (with its chat template) from the GGUF metadata. llama.cpp stores Llama's Q and K weights permuted
-for its rotary layout, so they are un-permuted back to the HF layout here (whole rows: quantized ones too).
+for its rotary layout, so they are un-permuted back to the HF layout here (whole rows: quantized ones too). A
+Qwen3-MoE file's stacked experts are stored one by one under the HF checkpoint's names, in one format per layer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -35,7 +37,12 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a MoE layer's router
 }
+# a MoE layer's experts, stacked [experts, N, K] in GGUF; stored as the HF checkpoint's mlp.experts.<e>.<part>
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM")}
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -63,18 +70,24 @@ def _rope_scaling(reader, g) -> dict | None:
 
 def hf_config_from_gguf(reader) -> dict:
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; pagedllm reads llama, qwen2 and qwen3")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; pagedllm reads {', '.join(_ARCHITECTURES)}")
     g = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     hidden, heads = g("embedding_length"), g("attention.head_count")
     names = {t.name for t in reader.tensors}
     vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    moe = {  # llama.cpp's Qwen3-MoE renormalises the top-k routing weights
+        "num_experts": int(g("expert_count")), "num_experts_per_tok": int(g("expert_used_count")),
+        "moe_intermediate_size": int(g("expert_feed_forward_length")),
+        "norm_topk_prob": bool(g("expert_weights_norm", True)),
+    } if g("expert_count") else {}
     return {
-        "model_type": arch,
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+        "model_type": _ARCHITECTURES[arch][0],
+        "architectures": [_ARCHITECTURES[arch][1]],
         "vocab_size": int(vocab),
         "hidden_size": int(hidden),
-        "intermediate_size": int(g("feed_forward_length")),
+        "intermediate_size": int(g("feed_forward_length") or moe["moe_intermediate_size"]),
+        **moe,
         "num_hidden_layers": int(g("block_count")),
         "num_attention_heads": int(heads),
         "num_key_value_heads": int(g("attention.head_count_kv", heads)),
@@ -107,14 +120,43 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
-    """One GGUF tensor in HF layout: grouped-quantized where its type allows, else fp32."""
+def _tensors(reader, config: dict) -> dict[str, torch.Tensor | Grouped]:
+    """Every GGUF tensor by its HF checkpoint name (a MoE layer's stacked experts one by one); raises on tensors
+    pagedllm does not know, since dropping them would run the model wrong."""
+    out, unknown = {}, []
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS:
+            for e, expert in enumerate(_grouped_or_float(t)):
+                out[f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[parts[2]]}.weight"] = expert
+        elif (name := _hf_name(t.name)) is not None:
+            out[name] = _tensor(t, name, config)
+        elif t.name != "rope_freqs.weight":
+            unknown.append(t.name)
+    if unknown:
+        raise ValueError(f"GGUF tensors pagedllm does not know how to use: {', '.join(unknown[:5])}")
+    return out
+
+
+def _grouped_or_float(t) -> list[torch.Tensor | Grouped]:
+    """A GGUF tensor as grouped-quantized matrices where its type allows, else fp32: a vector or matrix as one, a
+    stack of experts [E, N, K] as E."""
     shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-    grouped = to_grouped(t.data, t.tensor_type, shape[0], shape[-1]) if len(shape) == 2 else None
+    rows = int(np.prod(shape[:-1]))
+    grouped = to_grouped(t.data.reshape(rows, -1), t.tensor_type, rows, shape[-1]) if len(shape) > 1 else None
     if grouped is None:
         from gguf.quants import dequantize
 
-        grouped = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+        floats = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+        return list(floats) if len(shape) == 3 else [floats]
+    n, (values, scale, offset, fmt) = shape[-2], grouped
+    return [(values[i:i + n], scale[i:i + n], None if offset is None else offset[i:i + n], fmt)
+            for i in range(0, rows, n)]
+
+
+def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
+    """One GGUF tensor in HF layout."""
+    grouped = _grouped_or_float(t)[0]
     if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config["num_attention_heads" if name.endswith("q_proj.weight") else "num_key_value_heads"]
         if isinstance(grouped, torch.Tensor):
@@ -142,17 +184,31 @@ def _fuse_formats(tensors: dict[str, torch.Tensor | Grouped]) -> None:
             tensors.update(zip(names, fused))
 
 
+def _fuse_experts(tensors: dict[str, torch.Tensor | Grouped]) -> None:
+    """A MoE layer's experts (gate, up and down of each) in one format, as its fused expert weights hold them, or
+    all dequantized if any is a float tensor."""
+    layers: dict[str, list[str]] = {}
+    for name in tensors:
+        if (m := re.match(r"(.*\.experts)\.\d+\.", name)) is not None:
+            layers.setdefault(m.group(1), []).append(name)
+    for names in layers.values():
+        group = [tensors[n] for n in names]
+        if all(isinstance(g, tuple) for g in group):
+            fused = common_format(group)
+        else:
+            fused = [g if isinstance(g, torch.Tensor) else dequantize(*g[:3], torch.float32) for g in group]
+        tensors.update(zip(names, fused))
+
+
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     reader = GGUFReader(gguf_path)
     config = hf_config_from_gguf(reader)
-    unknown = [t.name for t in reader.tensors if _hf_name(t.name) is None and t.name != "rope_freqs.weight"]
-    if unknown:  # dropping them would run the model wrong
-        raise ValueError(f"GGUF tensors pagedllm does not know how to use: {', '.join(unknown[:5])}")
-    tensors = {name: _tensor(t, name, config) for t in reader.tensors if (name := _hf_name(t.name)) is not None}
+    tensors = _tensors(reader, config)
     _fuse_formats(tensors)
+    _fuse_experts(tensors)
     formats, flat = {}, {}
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
@@ -160,7 +216,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
             continue
         values, scale, offset, fmt = t
         base = name.removesuffix(".weight")
-        formats[base] = {"bits": fmt.bits, "group_size": fmt.group_size, "offset": fmt.offset}
+        # experts by their layer's MoE module (one format for all of them, as AWQ / GPTQ list theirs)
+        formats[re.sub(r"\.experts\.\d+\.\w+$", ".experts", base)] = {"bits": fmt.bits, "group_size": fmt.group_size,
+                                                                       "offset": fmt.offset}
         flat.update({name: values.contiguous(), f"{base}.weight_scale": scale.contiguous()})
         if offset is not None:
             flat[f"{base}.weight_offset"] = offset.contiguous()
