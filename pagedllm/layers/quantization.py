@@ -7,9 +7,9 @@ value j + 16 in the high one), so those files load by copying bytes; int8 with o
 group_size = K. Decode batches multiply straight from the packed values (kernels/csrc/quant_gemv.h), reading a
 quarter (4-bit) or half (8-bit) of bf16's bytes; large batches dequantize once per call for the bf16 matmul.
 
-On CPUs with int8 dot products (AVX512-VNNI) a bf16 model's quantized linear layers are tiled after loading
-(`tile_for_int8_dot_`): the same bytes, rows interleaved by 16 for kernels/csrc/quant_gemv_tiled.h, whose decode
-GEMV quantizes the activations to int8 per 32 values, as llama.cpp's and vLLM's GGUF kernels do.
+On CPUs with int8 dot products (AVX512-VNNI) a bf16 model's GGUF weights (kernels.int8_activations says which) are
+tiled after loading (`tile_for_int8_dot_`): the same bytes, rows interleaved by 16 for kernels/csrc/quant_gemv_tiled.h,
+whose decode GEMV quantizes the activations to int8 per 32 values, as llama.cpp's and vLLM's GGUF kernels do.
 """
 
 from __future__ import annotations
