@@ -119,12 +119,24 @@ def test_a_quantized_bf16_model_runs_tiled(tiny_models, monkeypatch):
     assert torch.nn.functional.cosine_similarity(decode.float(), plain_decode.float(), dim=-1).min() > 0.99
 
 
-def test_gguf_checkpoints_take_int8_activations_by_default():
-    """The embedded GGUF model, as vLLM's GGUF kernels and llama.cpp run such files; AWQ / GPTQ / RTN weights do not
-    (above)."""
+def test_gguf_checkpoints_take_int8_activations_by_default(monkeypatch):
+    """The embedded GGUF model, as vLLM's GGUF kernels and llama.cpp run such files (AWQ / GPTQ / RTN weights do not,
+    above); its decode steps on real text stay close to bf16 activations' (`bench quantization` measures: 92 % top-1
+    agreement with bf16 weights against 98.6 %, perplexity +1.5 % against -0.3 %)."""
     from pagedllm import LLM
 
-    with LLM(max_model_len=256) as llm:
-        model = llm.engine.executor.driver.runner.model
-        assert model.lm_head.weight.dim() == 3 and model.model.layers[0].self_attn.qkv_proj.weight.dim() == 3
-        assert llm.generate(["The capital of France is"])[0].outputs[0].text
+    text = ("A library is more than a room full of books. For many towns it is the one warm place where anyone may "
+            "sit for an afternoon without buying anything.")
+    scores = []
+    for setting in ("auto", "0"):
+        monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATIONS", setting)
+        with LLM(max_model_len=256) as llm:
+            model = llm.engine.executor.driver.runner.model
+            assert (model.lm_head.weight.dim() == 3) == (setting == "auto")
+            assert (model.model.layers[0].self_attn.qkv_proj.weight.dim() == 3) == (setting == "auto")
+            scores.append(llm.engine.score(llm.get_tokenizer().encode(text), step_tokens=1).float())
+    int8, bf16 = scores
+    # measured on these 31 positions: top-1 agreement 81 %, cosine mean 0.9965, min 0.949
+    assert (int8.argmax(-1) == bf16.argmax(-1)).float().mean() > 0.7
+    cosine = torch.nn.functional.cosine_similarity(int8, bf16, dim=-1)
+    assert cosine.mean() > 0.99 and cosine.min() > 0.9
