@@ -21,10 +21,10 @@ def quantized(fmt: str, n: int, k: int, seed: int = 0):
 
 
 def int8_activations_reference(x: torch.Tensor, values, scale, offset) -> torch.Tensor:
-    """x quantized per 32 values (d = max |x| / 127, q = x * (127 / max |x|) rounded to even, in fp32) times the
+    """x quantized per 16 values (d = max |x| / 127, q = x * (127 / max |x|) rounded to even, in fp32) times the
     dequantized weights in float64; the offsets take x's exact group sums."""
     m, k = x.shape
-    blocks = x.float().view(m, k // 32, 32)
+    blocks = x.float().view(m, k // 16, 16)
     amax = blocks.abs().amax(-1, keepdim=True)
     q = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros(()))).clamp(-127, 127)
     xq = (q.double() * (amax / 127).double()).view(m, k)
@@ -121,8 +121,8 @@ def test_a_quantized_bf16_model_runs_tiled(tiny_models, monkeypatch):
 
 def test_gguf_checkpoints_take_int8_activations_by_default(monkeypatch):
     """The embedded GGUF model, as vLLM's GGUF kernels and llama.cpp run such files (AWQ / GPTQ / RTN weights do not,
-    above); its decode steps on real text stay close to bf16 activations' (`bench quantization` measures: 92 % top-1
-    agreement with bf16 weights against 98.6 %, perplexity +1.5 % against -0.3 %)."""
+    above); its decode steps on real text stay close to bf16 activations' (`bench quantization` measures the
+    accuracy against bf16 weights)."""
     from pagedllm import LLM
 
     text = ("A library is more than a room full of books. For many towns it is the one warm place where anyone may "
@@ -136,7 +136,16 @@ def test_gguf_checkpoints_take_int8_activations_by_default(monkeypatch):
             assert (model.model.layers[0].self_attn.qkv_proj.weight.dim() == 3) == (setting == "auto")
             scores.append(llm.engine.score(llm.get_tokenizer().encode(text), step_tokens=1).float())
     int8, bf16 = scores
-    # measured on these 31 positions: top-1 agreement 81 %, cosine mean 0.9965, min 0.949
-    assert (int8.argmax(-1) == bf16.argmax(-1)).float().mean() > 0.7
+    # measured on these 31 positions: top-1 agreement 97 %, cosine mean 0.998, min 0.983 (with activation scales
+    # per 32 values instead of 16: 81 %, 0.9965, 0.949)
+    assert (int8.argmax(-1) == bf16.argmax(-1)).float().mean() > 0.85
     cosine = torch.nn.functional.cosine_similarity(int8, bf16, dim=-1)
-    assert cosine.mean() > 0.99 and cosine.min() > 0.9
+    assert cosine.mean() > 0.99 and cosine.min() > 0.95
+
+
+def test_a_gguf_file_requantized_keeps_bf16_activations():
+    """What decides is the method the engine runs (round-to-nearest here), not the checkpoint's."""
+    from pagedllm import LLM
+
+    with LLM(quantization="int8", max_model_len=256) as llm:
+        assert llm.engine.executor.driver.runner.model.lm_head.weight.dim() == 2

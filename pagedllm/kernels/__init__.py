@@ -173,16 +173,16 @@ def tiled_weights_supported() -> bool:
 INT8_ACTIVATIONS = ("auto", "1", "0")
 
 
-def int8_activations(quant_method: str | None) -> bool:
-    """Whether decode steps multiply a model's quantized weights with int8 activations (tiled weights, on CPUs with
-    int8 dot products): faster, at an accuracy cost that `pagedllm bench quantization` measures.
-    PAGEDLLM_INT8_ACTIVATIONS: "auto" (default) for GGUF checkpoints, as vLLM's GGUF kernels and llama.cpp do,
-    while AWQ, GPTQ and round-to-nearest weights keep bf16 activations, as vLLM's kernels for them do; "1" for every
-    quantized model; "0" for none."""
+def int8_activations(quantization: str | None) -> bool:
+    """Whether decode steps multiply a model's quantized weights (quantized by `quantization`, the engine's method)
+    with int8 activations (tiled weights, on CPUs with int8 dot products): faster, at an accuracy cost that `pagedllm
+    bench quantization` measures. PAGEDLLM_INT8_ACTIVATIONS: "auto" (default) for GGUF files run in their own
+    quantization, as vLLM's GGUF kernels and llama.cpp do, while AWQ, GPTQ and round-to-nearest weights keep bf16
+    activations, as vLLM's kernels for them do; "1" for every quantized model; "0" for none."""
     choice = os.environ.get("PAGEDLLM_INT8_ACTIVATIONS", "auto").lower()
     if choice not in INT8_ACTIVATIONS:
         raise ValueError(f"PAGEDLLM_INT8_ACTIVATIONS must be one of {', '.join(INT8_ACTIVATIONS)}, not {choice!r}")
-    return (choice == "1" or (choice == "auto" and quant_method == "gguf")) and tiled_weights_supported()
+    return (choice == "1" or (choice == "auto" and quantization == "gguf")) and tiled_weights_supported()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -23,7 +23,7 @@ class ModelRunner:
         self.config, self.device, self.dtype = config, device, config.dtype
         self.model = build_model(config, device, stage)
         native = native_ops_enabled(device, self.dtype)
-        if native and self.dtype == torch.bfloat16 and int8_activations(config.model.quant_method):
+        if native and self.dtype == torch.bfloat16 and int8_activations(config.load.quantization):
             tile_for_int8_dot_(self.model)
         move_to_huge_pages(self.model)  # its CPU parameters; a no-op on other devices
         if native:

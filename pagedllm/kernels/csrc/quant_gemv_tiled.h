@@ -8,9 +8,10 @@
 // 64-byte vector is one word position of 16 features, multiplied with one broadcast word of x, and the 16 fp32
 // lanes of the products are the 16 features' sums: no horizontal sums, and a group's 16 scales are one load.
 //
-// x is quantized per block of 32 values: d = max |x| / 127, q = x / d rounded to nearest even. Per block and
-// feature, sum x w = d s sum q_x q_w (+ o sum x per group, the offsets, with x's exact sums). int8 weights are
-// made unsigned (q + 128) for vpdpbusd, and 128 sum q_x taken off again, exactly, in the integers.
+// x is quantized per 16 values (half a weight block; the low nibbles of a 4-bit block and the first four words of
+// an int8 one are its first 16 values): d = max |x| / 127, q = x * (127 / max |x|) rounded to nearest even. Per
+// 16 values and feature, sum x w = d s sum q_x q_w (+ o sum x per group, the offsets, with x's exact sums). int8
+// weights are made unsigned (q + 128) for vpdpbusd, and 128 sum q_x taken off again, exactly, in the integers.
 #pragma once
 
 #include "ops.h"
@@ -21,7 +22,8 @@
 namespace pagedllm::cpu {
 
 constexpr int64_t kTileFeatures = 16;  // output features per tile
-constexpr int64_t kQuantBlock = 32;    // activation values per int8 scale
+constexpr int64_t kQuantBlock = 32;    // weight values per block (a group holds whole blocks)
+constexpr int64_t kActBlock = 16;      // activation values per int8 scale
 
 // Whether this CPU runs the tiled kernels (AVX512-VNNI, and AVX512-BF16 for the batches' matrix product).
 inline bool cpu_has_int8_dot() {
@@ -36,43 +38,38 @@ inline bool cpu_has_int8_dot() {
 #if defined(CPU_CAPABILITY_AVX512)
 #define PAGEDLLM_INT8_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 
-// x [rows, k] quantized per block of 32.
+// x [rows, k] quantized per kActBlock values.
 struct QuantizedInput {
   std::vector<int8_t> q;          // [rows, k]
-  std::vector<float> scale;       // [rows, k / 32]
-  std::vector<int32_t> unsigned_; // [rows, k / 32]: 128 * sum q, what unsigned int8 weights (q + 128) add
+  std::vector<float> scale;       // [rows, k / 16]
+  std::vector<int32_t> unsigned_; // [rows, k / 16]: 128 * sum q, what unsigned int8 weights (q + 128) add
   std::vector<float> sums;        // [rows, groups]: the exact sums of x per group, for the offsets
 };
 
 template <typename T>
 PAGEDLLM_INT8_DOT QuantizedInput quantize_input(const T* x, int64_t rows, int64_t k, int64_t groups, bool offsets) {
-  const int64_t blocks = k / kQuantBlock;
-  QuantizedInput in{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks),
-                    std::vector<int32_t>(rows * blocks),
+  const int64_t blocks = rows * k / kActBlock;
+  QuantizedInput in{std::vector<int8_t>(rows * k), std::vector<float>(blocks), std::vector<int32_t>(blocks),
                     offsets ? group_sums(x, rows, k, groups) : std::vector<float>()};
   const __m512 sign = _mm512_set1_ps(-0.f);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t at = m * k + b * kQuantBlock;
-      const __m512 lo = __m512(load_float(x + at)), hi = __m512(load_float(x + at + 16));
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(in.q.data() + at), _mm512_cvtsepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(in.q.data() + at + 16), _mm512_cvtsepi32_epi8(qhi));
-      in.scale[m * blocks + b] = amax / 127.f;
-      in.unsigned_[m * blocks + b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-    }
+  for (int64_t b = 0; b < blocks; ++b) {  // x's rows back to back: a row holds whole blocks
+    const __m512 v = __m512(load_float(x + b * kActBlock));
+    const float amax = _mm512_reduce_max_ps(_mm512_andnot_ps(sign, v));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(in.q.data() + b * kActBlock), _mm512_cvtsepi32_epi8(q));
+    in.scale[b] = amax / 127.f;
+    in.unsigned_[b] = 128 * _mm512_reduce_add_epi32(q);
+  }
   return in;
 }
 
-// A block's 32 values of 16 features as vectors of unsigned bytes, and the x word each multiplies: 4-bit: four
-// loads, each split into its low nibbles (x word j) and high ones (x word 4 + j); int8: eight loads, q + 128.
+// A block's 32 values of 16 features as eight vectors of unsigned bytes, vector j multiplying x's word j (values
+// 4j .. 4j + 3 of the block): 4-bit: four loads, each split into its low nibbles (words 0-3) and high ones (4-7);
+// int8: eight loads, q + 128.
 template <typename W>
 struct TileBlock {
   static constexpr int64_t kBytes = std::is_same_v<W, Int4> ? 256 : 512;
   __m512i v[8];
-  int word[8];
 
   PAGEDLLM_INT8_DOT TileBlock(const uint8_t* p) {
     for (int64_t off = 0; off < kBytes; off += 64)
@@ -83,11 +80,10 @@ struct TileBlock {
         const __m512i raw = _mm512_loadu_si512(p + 64 * j);
         v[j] = _mm512_and_si512(raw, nibble);
         v[4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
-        word[j] = j, word[4 + j] = 4 + j;
       }
     } else {
       const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-      for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip), word[j] = j;
+      for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), flip);
     }
   }
 };
@@ -98,6 +94,7 @@ PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedInput& in, const QuantWei
                                         int64_t n_out, int64_t t0, int64_t t1) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   const int64_t k = w.k, groups = w.groups, blocks = k / kQuantBlock, per_group = blocks / groups;
+  const int64_t halves = k / kActBlock;
   const int64_t tile_bytes = kTileFeatures * (kInt8 ? k : k / 2);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = reinterpret_cast<const uint8_t*>(w.values) + t * tile_bytes;
@@ -114,11 +111,14 @@ PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedInput& in, const QuantWei
         const TileBlock<W> block(wt + b * TileBlock<W>::kBytes);
         for (int64_t m = 0; m < M; ++m) {
           const int32_t* xw = reinterpret_cast<const int32_t*>(in.q.data() + m * k + b * kQuantBlock);
-          __m512i dot = _mm512_setzero_si512();
-          for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, block.v[j], _mm512_set1_epi32(xw[block.word[j]]));
-          if constexpr (kInt8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(in.unsigned_[m * blocks + b]));
-          const __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(in.scale[m * blocks + b]));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sd, acc[m]);
+          for (int h = 0; h < 2; ++h) {  // the block's two halves of 16 values, each with its activation scale
+            const int64_t a = m * halves + 2 * b + h;
+            __m512i dot = _mm512_setzero_si512();
+            for (int j = 4 * h; j < 4 * h + 4; ++j)
+              dot = _mm512_dpbusd_epi32(dot, block.v[j], _mm512_set1_epi32(xw[j]));
+            if constexpr (kInt8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(in.unsigned_[a]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(in.scale[a])), acc[m]);
+          }
         }
       }
     }
