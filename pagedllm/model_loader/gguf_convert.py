@@ -167,37 +167,34 @@ def _tensor(t, name: str, config: dict) -> torch.Tensor | Grouped:
     return grouped
 
 
+def _in_one_format(tensors: dict[str, torch.Tensor | Grouped], names: list[str]) -> None:
+    """tensors[names] in one grouped format (common_format), or all dequantized if any is a float tensor."""
+    group = [tensors[n] for n in names]
+    if all(isinstance(g, tuple) for g in group):
+        fused = common_format(group)
+    else:
+        fused = [g if isinstance(g, torch.Tensor) else dequantize(*g[:3], torch.float32) for g in group]
+    tensors.update(zip(names, fused))
+
+
 def _fuse_formats(tensors: dict[str, torch.Tensor | Grouped]) -> None:
-    """The parts of a fused layer (the model's packed_modules: q / k / v, gate / up) in one format, or all
-    dequantized if any part is a float tensor."""
+    """The parts of a fused layer (the model's packed_modules: q / k / v, gate / up) in one format."""
     fused_layers: dict[str, list[str]] = {}
     for part, (fused, _) in DecoderForCausalLM.packed_modules.items():
         fused_layers.setdefault(fused, []).append(part)
     for parts in fused_layers.values():
         for name in [n for n in tensors if f".{parts[0]}." in n]:
-            names = [name.replace(parts[0], p) for p in parts]
-            group = [tensors[n] for n in names if n in tensors]
-            if all(isinstance(g, tuple) for g in group):
-                fused = common_format(group)
-            else:
-                fused = [g if isinstance(g, torch.Tensor) else dequantize(*g[:3], torch.float32) for g in group]
-            tensors.update(zip(names, fused))
+            _in_one_format(tensors, [n for n in (name.replace(parts[0], p) for p in parts) if n in tensors])
 
 
 def _fuse_experts(tensors: dict[str, torch.Tensor | Grouped]) -> None:
-    """A MoE layer's experts (gate, up and down of each) in one format, as its fused expert weights hold them, or
-    all dequantized if any is a float tensor."""
+    """A MoE layer's experts (gate, up and down of each) in one format, as its fused expert weights hold them."""
     layers: dict[str, list[str]] = {}
     for name in tensors:
         if (m := re.match(r"(.*\.experts)\.\d+\.", name)) is not None:
             layers.setdefault(m.group(1), []).append(name)
     for names in layers.values():
-        group = [tensors[n] for n in names]
-        if all(isinstance(g, tuple) for g in group):
-            fused = common_format(group)
-        else:
-            fused = [g if isinstance(g, torch.Tensor) else dequantize(*g[:3], torch.float32) for g in group]
-        tensors.update(zip(names, fused))
+        _in_one_format(tensors, names)
 
 
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
