@@ -9,7 +9,8 @@ quarter (4-bit) or half (8-bit) of bf16's bytes; large batches dequantize once p
 
 On CPUs with int8 dot products (AVX512-VNNI) a bf16 model's GGUF weights (kernels.int8_activations says which) are
 tiled after loading (`tile_for_int8_dot_`): the same bytes, rows interleaved by 16 for kernels/csrc/quant_gemv_tiled.h,
-whose decode GEMV quantizes the activations to int8 per 32 values, as llama.cpp's and vLLM's GGUF kernels do.
+whose decode GEMV quantizes the activations to int8 per 16 values, as llama.cpp's and vLLM's GGUF kernels do
+(they scale per 32).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def tile_for_int8_dot_(model: nn.Module) -> None:
     embedding shares the head's tensors and reads its rows through `untile`)."""
     for module in model.modules():
         if hasattr(type(module), "native") and tileable(module):
-            params = [getattr(module, name, None) for name in ("weight", "weight_scale", "weight_offset")]
+            params = [module.weight, *scale_and_offset(module)]
             for p, t in zip(params, tile(*(None if p is None else p.data for p in params))):
                 if p is not None:
                     p.data = t

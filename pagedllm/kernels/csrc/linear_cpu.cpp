@@ -163,6 +163,17 @@ QuantWeight<W> quant_weight(const at::Tensor& weight, const at::Tensor& scale, c
           offset ? offset->data_ptr<at::Half>() : nullptr, scale.size(1), k, weight.dim() == 3};
 }
 
+// Calls f with the quantized weight as the kernels read it: QuantWeight<Int4> for uint8 storage, else <int8_t>.
+template <typename F>
+void with_quant_weight(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                       int64_t k, F&& f) {
+  if (weight.scalar_type() == at::kByte) {
+    f(quant_weight<Int4>(weight, scale, offset, k));
+  } else {
+    f(quant_weight<int8_t>(weight, scale, offset, k));
+  }
+}
+
 // Up to kMaxQuantRows rows with a tiled weight (quant_gemv_tiled.h; arguments checked by linear).
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
@@ -173,14 +184,10 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tiled_linear", [&] {
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
     with_rows(x.size(0), [&](auto rows) {
-      constexpr int64_t M = decltype(rows)::value;
-      if (weight.scalar_type() == at::kByte) {
-        tiled_gemv<scalar_t, Int4, M>(xc.data_ptr<scalar_t>(), quant_weight<Int4>(weight, scale, offset, k), b,
-                                      y.data_ptr<scalar_t>(), n_out);
-      } else {
-        tiled_gemv<scalar_t, int8_t, M>(xc.data_ptr<scalar_t>(), quant_weight<int8_t>(weight, scale, offset, k), b,
-                                        y.data_ptr<scalar_t>(), n_out);
-      }
+      with_quant_weight(weight, scale, offset, k, [&](const auto& w) {
+        using W = typename std::decay_t<decltype(w)>::value_type;
+        tiled_gemv<scalar_t, W, decltype(rows)::value>(xc.data_ptr<scalar_t>(), w, b, y.data_ptr<scalar_t>(), n_out);
+      });
     });
   });
 #endif
@@ -223,21 +230,16 @@ bool quant_gemm_applies(const at::Tensor& x, const at::Tensor& scale, int64_t n,
 #endif
 }
 
+// n: the weight's output features (N).
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
-  const int64_t n = scale.size(0) * (weight.dim() == 3 ? kTileFeatures : 1);
+                      const at::Tensor& scale, const std::optional<at::Tensor>& offset, int64_t n) {
   auto y = at::empty({x.size(0), n}, x.options());
 #if defined(CPU_CAPABILITY_AVX512)
   const auto xc = x.contiguous();
-  const auto run = [&](const auto& w) {
+  with_quant_weight(weight, scale, offset, x.size(1), [&](const auto& w) {
     quant_gemm_bf16(xc.data_ptr<at::BFloat16>(), x.size(0), w, bias ? bias->data_ptr<at::BFloat16>() : nullptr,
                     y.data_ptr<at::BFloat16>(), n);
-  };
-  if (weight.scalar_type() == at::kByte) {
-    run(quant_weight<Int4>(weight, scale, offset, x.size(1)));
-  } else {
-    run(quant_weight<int8_t>(weight, scale, offset, x.size(1)));
-  }
+  });
 #endif
   return y;
 }
@@ -261,13 +263,10 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
 #endif
   auto out = scratch.narrow(0, aligned, nbytes).view(dtype).view({weight.size(0), k});
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
-    if (weight.scalar_type() == at::kChar) {
-      dequantize_rows<scalar_t, int8_t>(quant_weight<int8_t>(weight, scale, offset, k), out.data_ptr<scalar_t>(),
-                                        weight.size(0));
-    } else {
-      dequantize_rows<scalar_t, Int4>(quant_weight<Int4>(weight, scale, offset, k), out.data_ptr<scalar_t>(),
-                                      weight.size(0));
-    }
+    with_quant_weight(weight, scale, offset, k, [&](const auto& w) {
+      dequantize_rows<scalar_t, typename std::decay_t<decltype(w)>::value_type>(w, out.data_ptr<scalar_t>(),
+                                                                                weight.size(0));
+    });
   });
   return out;
 }
@@ -316,13 +315,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     if (x.size(0) <= cpu::kMaxQuantRows) return cpu::tiled_linear(x, weight, bias, *scale, offset);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear: tiled weights multiply more than ", cpu::kMaxQuantRows,
                 " rows in bf16 only");
-    return cpu::quant_gemm(x, weight, bias, *scale, offset);
+    return cpu::quant_gemm(x, weight, bias, *scale, offset, n);
   }
   if (x.size(0) <= (int4 ? cpu::kMaxQuantRows : cpu::kMaxRows)) {
     return cpu::small_batch_linear(x, weight, bias, scale, offset);
   }
   if (!int8 && !int4) return at::linear(x, weight, bias);
-  if (cpu::quant_gemm_applies(x, *scale, n, k)) return cpu::quant_gemm(x, weight, bias, *scale, offset);
+  if (cpu::quant_gemm_applies(x, *scale, n, k)) return cpu::quant_gemm(x, weight, bias, *scale, offset, n);
   // torch's int8 kernel: per-row scales, rows of a multiple of 16 values (it crashed on 72)
   if (int8 && !offset && scale->size(1) == 1 && x.size(0) <= cpu::kInt8KernelRows && k % 16 == 0) {
     auto y = at::_weight_int8pack_mm(x.contiguous(), weight, scale->view({n}).to(x.scalar_type()));

@@ -26,6 +26,7 @@ struct Int4 {
 // A quantized weight matrix as the kernels read it.
 template <typename W>
 struct QuantWeight {
+  using value_type = W;
   const W* values;           // [N, K] (int8) or [N, K / 2] (Int4)
   const at::Half* scale;     // [N, groups]
   const at::Half* offset;    // [N, groups] or null
