@@ -47,7 +47,10 @@ RTN_SCHEMES = {"int8": (INT8_PER_ROW, INT8_PER_ROW), "int4": (QuantFormat(4, 32,
 # the linear layers AWQ and GPTQ quantize in each decoder layer (their checkpoint module names)
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LAYER_LINEARS = (*ATTENTION_LINEARS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-MOE_EXPERTS = "mlp.experts"  # a MoE layer's routed experts, all of them (mlp.experts.<e>.gate_proj ... in checkpoints)
+MOE_EXPERTS = "mlp.experts"  # a MoE layer's routed experts (mlp.experts.<e>.gate_proj ... in checkpoints)
+# formats list the experts' projections by their checkpoint names without the expert's index: every expert's gate and
+# up in one format (they stack into one weight), down in the same or another (a Q4_K_M file's Q6_K beside Q4_K)
+MOE_EXPERT_LINEARS = tuple(f"{MOE_EXPERTS}.{part}" for part in ("gate_proj", "up_proj", "down_proj"))
 
 
 def awq_gptq_format(quant: dict) -> QuantFormat:
@@ -75,7 +78,7 @@ def awq_gptq_format(quant: dict) -> QuantFormat:
 def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe_layers: frozenset[int]) -> dict[str, QuantFormat]:
     """A quantized checkpoint's format per layer, by checkpoint module name, from its quantization_config (GGUF
     conversions list theirs; AWQ / GPTQ quantize every layer's linear layers alike, a MoE layer's routed experts
-    (MOE_EXPERTS) but not its router, and their LM head if lm_head)."""
+    (MOE_EXPERT_LINEARS) but not its router, and their LM head if lm_head)."""
     if not quant:
         return {}
     if quant["quant_method"] == "gguf":
@@ -83,7 +86,7 @@ def checkpoint_formats(quant: dict, num_layers: int, tied: bool, moe_layers: fro
     fmt = awq_gptq_format(quant)
     skip = quant.get("modules_to_not_convert") or []
     names = [f"model.layers.{i}.{m}" for i in range(num_layers)
-             for m in ((*ATTENTION_LINEARS, MOE_EXPERTS) if i in moe_layers else LAYER_LINEARS)]
+             for m in ((*ATTENTION_LINEARS, *MOE_EXPERT_LINEARS) if i in moe_layers else LAYER_LINEARS)]
     names += ["lm_head"] if quant.get("lm_head") and not tied else []
     return {name: fmt for name in names if not any(s in name for s in skip)}
 

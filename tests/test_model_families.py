@@ -290,8 +290,9 @@ def test_a_llama3_gguf_with_rope_freqs_matches_hf(rope_models, tmp_path, monkeyp
 @pytest.mark.parametrize("down", ["Q4_0", "Q8_0"])
 def test_a_qwen3_moe_gguf_runs_its_experts_quantized(moe_model, tmp_path, monkeypatch, down):
     """A Qwen3-MoE GGUF file (qwen3moe: stacked experts, the router as ffn_gate_inp): the experts load in their own
-    values (gate / up Q4_1 and down Q4_0 stay 4-bit; with down in Q8_0 all widen to int8, exactly), the router stays
-    in floats, HF's greedy tokens of the weights the file encodes, and planner bytes = engine bytes."""
+    values, gate / up in one format and down in its own (Q4_1 gate / up stay 4-bit beside a Q4_0 down, and beside a
+    Q8_0 one in int8, as a Q4_K_M file's Q4_K gate / up beside its Q6_K down), the router stays in floats, HF's
+    greedy tokens of the weights the file encodes, and planner bytes = engine bytes."""
     from gguf import GGMLQuantizationType
 
     from pagedllm import SamplingParams
@@ -306,7 +307,8 @@ def test_a_qwen3_moe_gguf_runs_its_experts_quantized(moe_model, tmp_path, monkey
     # fp32 activations beside the GGUF's own quantization (--dtype alone would dequantize it at load)
     with LLM(path, dtype="float32", quantization="gguf", max_model_len=256, kv_cache_memory=2 << 20) as llm:
         mlp = llm.engine.executor.driver.runner.model.model.layers[1].mlp
-        assert mlp.experts.w13_weight.dtype == mlp.experts.w2_weight.dtype == (torch.uint8 if down == "Q4_0" else torch.int8)
+        assert mlp.experts.w13_weight.dtype == torch.uint8
+        assert mlp.experts.w2_weight.dtype == (torch.uint8 if down == "Q4_0" else torch.int8)
         assert mlp.gate.weight.dtype == torch.float32
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)

@@ -48,9 +48,11 @@ class FusedMoE(nn.Module):
             offset = 0 if kind == "gate" else size
             param.data[expert, offset:offset + size].copy_(narrow(loaded, 0, self.tp.rank * size, size))
 
-    def make_quantized_(self, fmt: QuantFormat) -> None:
-        for name in WEIGHTS:
-            quant.make_quantized_(self, fmt, name)
+    def make_quantized_(self, formats: dict[str, QuantFormat | None]) -> None:
+        """Quantized parameters for a checkpoint's experts: a format per stacked weight (None: it stays float)."""
+        for name, fmt in formats.items():
+            if fmt is not None:
+                quant.make_quantized_(self, fmt, name)
 
     def quantize_(self, fmt: QuantFormat) -> None:
         for name in WEIGHTS:

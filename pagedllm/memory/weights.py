@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig, ModelConfig, dtype_name, partition_layers
-from pagedllm.quant_config import CHECKPOINT_METHODS, LAYER_LINEARS, MOE_EXPERTS, RTN_SCHEMES, QuantFormat
+from pagedllm.quant_config import CHECKPOINT_METHODS, LAYER_LINEARS, MOE_EXPERT_LINEARS, RTN_SCHEMES, QuantFormat
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # what weights can be stored in: a float dtype, or a quantization scheme (its norms and biases in bf16; a checkpoint's
@@ -20,7 +20,7 @@ FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_DTYPES = (*FLOAT_BYTES, *RTN_SCHEMES)
 # where each tensor of tensor_specs lives in the checkpoint (a layer's under model.layers.<i>.)
 _MODULES = {**{m.rsplit(".", 1)[1]: m for m in LAYER_LINEARS}, "router": "mlp.gate",
-            "experts.gate_up_proj": MOE_EXPERTS, "experts.down_proj": MOE_EXPERTS,
+            "experts.gate_up_proj": MOE_EXPERT_LINEARS[0], "experts.down_proj": MOE_EXPERT_LINEARS[2],
             "embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "lm_head (tied copy)": "model.embed_tokens"}
 
 

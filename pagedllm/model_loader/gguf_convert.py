@@ -6,7 +6,8 @@ are stored as `<name>.weight`, `.weight_scale` and `.weight_offset`, and config.
 (`--dtype`). Float tensors, and quantized types the kernels do not take, are stored as fp32. transformers builds
 the tokenizer (with its chat template) from the GGUF metadata. llama.cpp stores Llama's Q and K weights permuted
 for its rotary layout, so they are un-permuted back to the HF layout here (whole rows: quantized ones too). A
-Qwen3-MoE file's stacked experts are stored one by one under the HF checkpoint's names, in one format per layer.
+Qwen3-MoE file's stacked experts are stored one by one under the HF checkpoint's names, in one format per layer
+for gate / up and one for down.
 """
 
 from __future__ import annotations
@@ -188,12 +189,13 @@ def _fuse_formats(tensors: dict[str, torch.Tensor | Grouped]) -> None:
 
 
 def _fuse_experts(tensors: dict[str, torch.Tensor | Grouped]) -> None:
-    """A MoE layer's experts (gate, up and down of each) in one format, as its fused expert weights hold them."""
-    layers: dict[str, list[str]] = {}
+    """A MoE layer's experts in one format per stacked weight (every expert's gate and up; every expert's down), as
+    FusedMoE holds them: a Q4_K_M file's Q4_K gate / up stay 4-bit beside its Q6_K down."""
+    stacks: dict[tuple[str, str], list[str]] = {}
     for name in tensors:
-        if (m := re.match(r"(.*\.experts)\.\d+\.", name)) is not None:
-            layers.setdefault(m.group(1), []).append(name)
-    for names in layers.values():
+        if (m := re.match(r"(.*\.experts)\.\d+\.(\w+)\.", name)) is not None:
+            stacks.setdefault((m.group(1), DecoderForCausalLM.expert_modules[m.group(2)][0]), []).append(name)
+    for names in stacks.values():
         _in_one_format(tensors, names)
 
 
@@ -213,9 +215,9 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
             continue
         values, scale, offset, fmt = t
         base = name.removesuffix(".weight")
-        # experts by their layer's MoE module (one format for all of them, as AWQ / GPTQ list theirs)
-        formats[re.sub(r"\.experts\.\d+\.\w+$", ".experts", base)] = {"bits": fmt.bits, "group_size": fmt.group_size,
-                                                                       "offset": fmt.offset}
+        # an expert's projection under its name without the expert's index (one format for every expert's)
+        formats[re.sub(r"\.experts\.\d+\.", ".experts.", base)] = {"bits": fmt.bits, "group_size": fmt.group_size,
+                                                                   "offset": fmt.offset}
         flat.update({name: values.contiguous(), f"{base}.weight_scale": scale.contiguous()})
         if offset is not None:
             flat[f"{base}.weight_offset"] = offset.contiguous()

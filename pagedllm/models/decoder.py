@@ -23,6 +23,7 @@ from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.custom_op import CustomOp
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.layers.fused_moe import WEIGHTS as MOE_WEIGHTS
 from pagedllm.layers.fused_moe import FusedMoE
 from pagedllm.layers.layernorm import RMSNorm
 from pagedllm.layers.linear import (
@@ -206,10 +207,11 @@ class DecoderForCausalLM(nn.Module):
 
     def checkpoint_target(self, name: str) -> tuple[str, object]:
         """The parameter a checkpoint tensor loads into, and the shard id its weight_loader takes."""
-        expert = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight(_scale|_offset)?$", name)
-        if expert and expert.group(3) in self.expert_modules:
+        expert = re.match(r"(.*\.experts)(?:\.(\d+))?\.(\w+)\.weight(_scale|_offset)?$", name)
+        if expert and expert.group(3) in self.expert_modules:  # an expert's projection (no index: every expert's)
             param, part = self.expert_modules[expert.group(3)]
-            return f"{expert.group(1)}.{param}{expert.group(4) or ''}", (int(expert.group(2)), part)
+            index = None if expert.group(2) is None else int(expert.group(2))
+            return f"{expert.group(1)}.{param}{expert.group(4) or ''}", (index, part)
         for ckpt_part, (ours, shard_id) in self.packed_modules.items():
             if f".{ckpt_part}." in name:
                 return name.replace(ckpt_part, ours), shard_id
@@ -259,7 +261,8 @@ class DecoderForCausalLM(nn.Module):
 
     def make_quantized_(self, formats: dict[str, QuantFormat]) -> None:
         """Quantized parameters, empty, for a quantized checkpoint to load into; `formats` maps checkpoint module
-        names (q_proj, ...) to formats, which the parts of one fused layer must share."""
+        names (q_proj, ..., a MoE layer's mlp.experts.gate_proj, ...) to formats, which the parts of one fused layer
+        (or stacked expert weight) must share."""
         tied = self._tied_head()
         ours: dict[str, QuantFormat] = {}
         for ckpt_name, fmt in formats.items():
@@ -267,11 +270,12 @@ class DecoderForCausalLM(nn.Module):
             if ours.setdefault(target, fmt) != fmt:
                 raise ValueError(f"the parts of {target} are stored in different formats")
         for name, m in self._quantizable().items():
+            if isinstance(m, FusedMoE):
+                m.make_quantized_({w: ours.get(f"{name}.{w}") for w in MOE_WEIGHTS})
+                continue
             fmt = ours.get(name) or (ours.get("model.embed_tokens") if m is self.lm_head and
                                      self.model.embed_tokens is None else None)
-            if isinstance(m, FusedMoE) and fmt is not None:
-                m.make_quantized_(fmt)
-            elif fmt is not None:
+            if fmt is not None:
                 quant.make_quantized_(m, fmt)
         if tied:
             quant.share_weights(self.lm_head, self.model.embed_tokens)
