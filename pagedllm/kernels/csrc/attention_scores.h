@@ -17,7 +17,7 @@ namespace pagedllm::cpu {
 template <typename T, int64_t D>
 void scores_by_dot_products(const TaskView<T, D>& t, const float* qf, float* scores) {
   constexpr int64_t C = D / kLanes;
-  t.for_each_row(t.k_head, t.keys, [&](int64_t j, const T* k) {
+  t.for_each_row(false, [&](int64_t j, const T* k) {
     Vec kv[C];
     for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
     for (int64_t r = t.first_row_seeing(j); r < t.rows; ++r) {
@@ -26,7 +26,7 @@ void scores_by_dot_products(const TaskView<T, D>& t, const float* qf, float* sco
       for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
       scores[r * t.keys + j] = sum_of(s);
     }
-  }, t.v_head);
+  });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -62,10 +62,7 @@ PAGEDLLM_BF16_DOT void scores_by_bf16_dot_products(
       const int64_t j = j0 + std::min(i, nk - 1);  // past the end: repeat the last key (its score is not stored)
       k[i] = in_one_block ? first + (j - j0) * D : t.row(t.k_head, j);
     }
-    if (j0 % t.block_size == 0) {
-      if (j0 + t.block_size < t.keys) t.prefetch_block(t.k_head, j0 + t.block_size);
-      t.prefetch_block(t.v_head, j0);
-    }
+    if (j0 % t.block_size == 0) t.prefetch_for_keys(j0);
     for (int64_t r = 0; r < t.rows; ++r) {
       __m512bh qv[kChunks];
       for (int64_t c = 0; c < kChunks; ++c)

@@ -21,7 +21,7 @@ void values_of_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
   Vec acc[R][C];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
-  t.for_each_row(t.v_head, t.keys, [&](int64_t j, const T* v) {
+  t.for_each_row(true, [&](int64_t j, const T* v) {
     Vec vf[C];
     for (int64_t c = 0; c < C; ++c) vf[c] = load_float(v + c * kLanes);
     for (int64_t r = 0; r < R; ++r) {
