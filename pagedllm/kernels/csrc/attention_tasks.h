@@ -60,7 +60,7 @@ struct TaskView {
   // At key j (a block edge) of the pass over the keys, whose values are read after it: the next key block into L1,
   // this block's values, and the keys and values kL2Blocks blocks ahead into L2 (at the first block, every block up
   // to there). Blocks lie anywhere in the pool, and L1 keeps few misses in flight: with one block ahead alone a
-  // decode's attention waited on memory (measured here over 300-600 keys: a quarter slower).
+  // decode's attention waited on memory (measured here over 600-token decodes: a quarter slower).
   void prefetch_for_keys(int64_t j) const {
     for (int64_t a = j == 0 ? 1 : kL2Blocks; a <= kL2Blocks; ++a) {
       if (j + a * block_size < keys) {
