@@ -247,9 +247,6 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size {tp} must divide the MLP size {model.intermediate_size}")
         if model.moe_intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the experts' MLP size {model.moe_intermediate_size}")
-        if tp > 1 and any(f.act_order for f in model.quant_formats.values()):
-            raise ValueError("GPTQ act-order (desc_act) checkpoints run without tensor parallelism in pagedllm yet: a "
-                             "row-parallel layer's shard would need input features of the other shards")
         self.stage_layers(model.num_layers)
 
 

@@ -144,8 +144,10 @@ def test_checkpoint_gives_hf_tokens_of_the_weights_it_encodes(quantized, name):
     llm.shutdown()
 
 
-@pytest.mark.parametrize("name", ["gptq-sym", "awq-moe"])
+@pytest.mark.parametrize("name", ["gptq-sym", "awq-moe", "gptq-act-order"])
 def test_tensor_parallel_shards_along_groups(quantized, name):
+    """Two tensor-parallel ranks give one rank's greedy tokens: every shard whole groups (an act-order row-parallel
+    layer's of its columns sorted by group, its input gathered from both ranks)."""
     prompts = [{"prompt_token_ids": p} for p in random_prompts(2, 10, 30, seed=6)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(quantized[name], dtype="float32", kv_cache_memory=2 << 20,
@@ -170,8 +172,6 @@ def test_act_order_checkpoint_requantized_keeps_its_input_order(quantized):
 
 
 def test_act_order_and_other_variants_are_refused(quantized, tmp_path):
-    with pytest.raises(ValueError, match="act-order"):
-        LLM(quantized["gptq-act-order"], dtype="float32", kv_cache_memory=2 << 20, tensor_parallel_size=2)
     folder = str(tmp_path / "act-order-k")  # k_proj quantized in input order, q_proj and v_proj in another
     shutil.copytree(quantized["gptq-act-order"], folder)
     path = os.path.join(folder, "model.safetensors")

@@ -102,5 +102,9 @@ class RowParallelLinear(LinearBase):
     tp_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size > 1 and getattr(self, "weight_perm", None) is not None:
+            # GPTQ act-order: this shard's columns (whole groups, sorted by group) take their input features from
+            # every rank's shard of x, so the shards are gathered first (as vLLM does for act-order row-parallel layers)
+            x = self.tp.all_gather_last_dim(x)
         y = self.tp.all_reduce(quant.linear(x, self))
         return y if self.bias is None else y + self.bias

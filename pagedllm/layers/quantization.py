@@ -127,13 +127,17 @@ def make_quantized_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -
         if lead:
             raise ValueError("GPTQ act-order (desc_act) for MoE experts is not supported yet")
         perm = nn.Parameter(torch.full((k,), -1, dtype=torch.int32, device=device), requires_grad=False)
-        perm.weight_loader = _load_perm
+        perm.weight_loader = lambda param, loaded, shard_id=None: _load_perm(module, param, loaded)
         module.weight_perm = perm
 
 
-def _load_perm(param: nn.Parameter, loaded, shard_id=None) -> None:
-    """An act-order layer's input permutation; the parts of a fused layer (q, k and v; gate and up) share their input,
-    so they must share it."""
+def _load_perm(module: nn.Module, param: nn.Parameter, loaded) -> None:
+    """An act-order layer's input permutation: the input feature of each stored column. A row-parallel shard holds
+    its own columns' entries (whole groups: the columns are sorted by group), which index the whole input. The parts
+    of a fused layer (q, k and v; gate and up) share their input, so they must share it."""
+    loaded = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    if getattr(module, "tp_dim", None) == 1 and len(loaded) != len(param):
+        loaded = loaded[module.tp.rank * len(param):(module.tp.rank + 1) * len(param)]
     loaded = loaded.to(param.dtype)
     if param.data[0] >= 0 and not torch.equal(param.data, loaded):
         raise ValueError("GPTQ act-order: the parts of one fused layer (q / k / v or gate / up) permute their shared "
