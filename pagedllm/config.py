@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.quant_config import QuantFormat, check_checkpoint_quant, checkpoint_formats
+from pagedllm.quant_config import MOE_EXPERTS, QuantFormat, check_checkpoint_quant, checkpoint_formats
 from pagedllm.spec_config import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
@@ -247,6 +247,9 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size {tp} must divide the MLP size {model.intermediate_size}")
         if model.moe_intermediate_size % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the experts' MLP size {model.moe_intermediate_size}")
+        if tp > 1 and any(f.act_order for name, f in model.quant_formats.items() if f".{MOE_EXPERTS}." in name):
+            raise ValueError("GPTQ act-order (desc_act) MoE experts run without tensor parallelism in pagedllm yet: a "
+                             "shard of an expert's down projection would need the other shards' inputs")
         self.stage_layers(model.num_layers)
 
 

@@ -111,6 +111,7 @@ CASES = {  # name: (architecture, _write arguments)
     "gptq-act-order": ("qwen3", dict(method="gptq", act_order=True)),
     "gptq-act-order-8bit-llama": ("llama", dict(method="gptq", bits=8, sym=True, act_order=True, group=64)),
     "gptq-moe": ("qwen3_moe", dict(method="gptq", sym=True)),  # every expert quantized, the router not
+    "gptq-moe-act-order": ("qwen3_moe", dict(method="gptq", act_order=True)),  # a permutation per expert
     "awq-moe": ("qwen3_moe", dict(method="awq")),
 }
 
@@ -172,6 +173,8 @@ def test_act_order_checkpoint_requantized_keeps_its_input_order(quantized):
 
 
 def test_act_order_and_other_variants_are_refused(quantized, tmp_path):
+    with pytest.raises(ValueError, match="act-order"):
+        LLM(quantized["gptq-moe-act-order"], dtype="float32", kv_cache_memory=2 << 20, tensor_parallel_size=2)
     folder = str(tmp_path / "act-order-k")  # k_proj quantized in input order, q_proj and v_proj in another
     shutil.copytree(quantized["gptq-act-order"], folder)
     path = os.path.join(folder, "model.safetensors")

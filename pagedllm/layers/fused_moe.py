@@ -59,6 +59,9 @@ class FusedMoE(nn.Module):
             quant.quantize_module_(self, fmt, name)
 
     def _matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        perm = getattr(self, f"{name}_perm", None)  # GPTQ act-order: each expert's input in its columns' order
+        if perm is not None:
+            x = x.index_select(-1, perm[expert])
         scale, offset = quant.scale_and_offset(self, name)
         return quant.matmul(x, getattr(self, name)[expert], None if scale is None else scale[expert],
                             None if offset is None else offset[expert], self.native)

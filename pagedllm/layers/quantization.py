@@ -124,25 +124,25 @@ def make_quantized_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -
     _set(module, name, (values, groups, torch.empty_like(groups) if fmt.offset else None),
          getattr(weight, "weight_loader", None))
     if fmt.act_order:
-        if lead:
-            raise ValueError("GPTQ act-order (desc_act) for MoE experts is not supported yet")
-        perm = nn.Parameter(torch.full((k,), -1, dtype=torch.int32, device=device), requires_grad=False)
-        perm.weight_loader = lambda param, loaded, shard_id=None: _load_perm(module, param, loaded)
-        module.weight_perm = perm
+        perm = nn.Parameter(torch.full((*lead, k), -1, dtype=torch.int32, device=device), requires_grad=False)
+        perm.weight_loader = lambda param, loaded, shard_id=None: _load_perm(module, param, loaded, shard_id)
+        setattr(module, f"{name}_perm", perm)
 
 
-def _load_perm(module: nn.Module, param: nn.Parameter, loaded) -> None:
-    """An act-order layer's input permutation: the input feature of each stored column. A row-parallel shard holds
-    its own columns' entries (whole groups: the columns are sorted by group), which index the whole input. The parts
-    of a fused layer (q, k and v; gate and up) share their input, so they must share it."""
+def _load_perm(module: nn.Module, param: nn.Parameter, loaded, shard_id=None) -> None:
+    """An act-order layer's input permutation (stacked experts: one per expert, shard_id (expert, part)): the input
+    feature of each stored column. A row-parallel shard holds its own columns' entries (whole groups: the columns
+    are sorted by group), which index the whole input. The parts of a fused layer (q, k and v; gate and up) share
+    their input, so they must share it."""
+    dest = param.data[shard_id[0]] if isinstance(shard_id, tuple) else param.data
     loaded = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
-    if getattr(module, "tp_dim", None) == 1 and len(loaded) != len(param):
-        loaded = loaded[module.tp.rank * len(param):(module.tp.rank + 1) * len(param)]
-    loaded = loaded.to(param.dtype)
-    if param.data[0] >= 0 and not torch.equal(param.data, loaded):
+    if getattr(module, "tp_dim", None) == 1 and len(loaded) != len(dest):
+        loaded = loaded[module.tp.rank * len(dest):(module.tp.rank + 1) * len(dest)]
+    loaded = loaded.to(dest.dtype)
+    if dest[0] >= 0 and not torch.equal(dest, loaded):
         raise ValueError("GPTQ act-order: the parts of one fused layer (q / k / v or gate / up) permute their shared "
                          "input differently; pagedllm runs them as one matmul and cannot")
-    param.data.copy_(loaded)
+    dest.copy_(loaded)
 
 
 def quantize_module_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -> None:

@@ -207,7 +207,7 @@ class DecoderForCausalLM(nn.Module):
 
     def checkpoint_target(self, name: str) -> tuple[str, object]:
         """The parameter a checkpoint tensor loads into, and the shard id its weight_loader takes."""
-        expert = re.match(r"(.*\.experts)(?:\.(\d+))?\.(\w+)\.weight(_scale|_offset)?$", name)
+        expert = re.match(r"(.*\.experts)(?:\.(\d+))?\.(\w+)\.weight(_scale|_offset|_perm)?$", name)
         if expert and expert.group(3) in self.expert_modules:  # an expert's projection (no index: every expert's)
             param, part = self.expert_modules[expert.group(3)]
             index = None if expert.group(2) is None else int(expert.group(2))
