@@ -259,6 +259,20 @@ def test_fused_decoder_layers_match_the_module_path(tiny_models, arch, dtype, qu
     assert generate() == fused
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, 16, 100, 49157])
+def test_argmax_kernel_matches_torch(dtype, n):
+    """Greedy sampling's argmax is torch.argmax's: the first index of each row's maximum, with ties inside and across
+    vector lanes and chains (integers), a maximum repeated into the tail, a row of -inf, a constant row."""
+    from pagedllm import kernels
+
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n)).mul(4).to(dtype)
+    x[1] = x[1].round()
+    x[2, n // 2:] = x[2].max() + 1
+    x[3], x[4] = float("-inf"), 0
+    assert torch.equal(kernels.argmax(x), x.float().argmax(-1))
+
+
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="this CPU builds AVX2 kernels already")
 def test_kernels_built_for_avx2_pass_too():
     """Most desktop CPUs have AVX2 but not AVX-512: the same tests on kernels built for AVX2 (ATen's vector types

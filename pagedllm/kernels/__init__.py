@@ -21,7 +21,8 @@ import torch
 logger = logging.getLogger("pagedllm")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp", "decoder_layer_cpu.cpp")]
+           for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp", "decoder_layer_cpu.cpp",
+                        "sampler_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
 
@@ -191,6 +192,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     with fp16 group scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows (8 for 4-bit and
     tiled weights) stream the weights at memory speed; more go to a matrix product."""
     return torch.ops.pagedllm.linear(x, weight, bias, scale, offset)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum of a 2-D CPU tensor (the first on ties, as torch.argmax), int64."""
+    return torch.ops.pagedllm.argmax(x)
 
 
 def decoder_layers(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *metadata_and_weights):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pagedllm import kernels
 from pagedllm.step import SamplerOutput, SamplingMetadata
 
 
@@ -20,8 +21,10 @@ def _token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of each row's maximum (the first, on ties, as argmax). On the CPU, torch's max over a row is about 5x
-    faster than its argmax (bf16: 28 vs 159 us for one 49k-vocabulary row)."""
+    """Index of each row's maximum (the first, on ties, as argmax). On the CPU the native kernel: torch's max over a
+    row does not vectorise there (bf16: 44 us for one 49k-vocabulary row, its argmax 160 us; the kernel 2-3 us)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.dtype in kernels.DTYPES and kernels.load_cpu_ops():
+        return kernels.argmax(x)
     return x.max(-1).indices
 
 
