@@ -15,6 +15,8 @@ whose decode GEMV quantizes the activations to int8 per 16 values, as llama.cpp'
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,7 +127,7 @@ def make_quantized_(module: nn.Module, fmt: QuantFormat, name: str = "weight") -
          getattr(weight, "weight_loader", None))
     if fmt.act_order:
         perm = nn.Parameter(torch.full((*lead, k), -1, dtype=torch.int32, device=device), requires_grad=False)
-        perm.weight_loader = lambda param, loaded, shard_id=None: _load_perm(module, param, loaded, shard_id)
+        perm.weight_loader = functools.partial(_load_perm, module)
         setattr(module, f"{name}_perm", perm)
 
 

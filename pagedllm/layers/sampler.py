@@ -22,7 +22,7 @@ def _token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's maximum (the first, on ties, as argmax). On the CPU the native kernel: torch's max over a
-    row does not vectorise there (bf16: 44 us for one 49k-vocabulary row, its argmax 160 us; the kernel 2-3 us)."""
+    row does not vectorise there (one 49k-vocabulary row from Python: 44 us, its argmax 160 us, the kernel 7 us)."""
     if x.device.type == "cpu" and x.dim() == 2 and x.dtype in kernels.DTYPES and kernels.load_cpu_ops():
         return kernels.argmax(x)
     return x.max(-1).indices
