@@ -137,8 +137,7 @@ def _load_perm(module: nn.Module, param: nn.Parameter, loaded, shard_id=None) ->
     are sorted by group), which index the whole input. The parts of a fused layer (q, k and v; gate and up) share
     their input, so they must share it."""
     dest = param.data[shard_id[0]] if isinstance(shard_id, tuple) else param.data
-    loaded = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
-    if getattr(module, "tp_dim", None) == 1 and len(loaded) != len(dest):
+    if getattr(module, "tp_dim", None) == 1:
         loaded = loaded[module.tp.rank * len(dest):(module.tp.rank + 1) * len(dest)]
     loaded = loaded.to(dest.dtype)
     if dest[0] >= 0 and not torch.equal(dest, loaded):
