@@ -273,6 +273,30 @@ def test_argmax_kernel_matches_torch(dtype, n):
     assert torch.equal(kernels.argmax(x), x.float().argmax(-1))
 
 
+@pytest.mark.parametrize("bits,group,offset", [(4, 32, True), (4, 128, False), (8, 32, False), (8, None, False)])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_quantized_embedding_kernel_gives_the_torch_rows(bits, group, offset, tiled):
+    """The native lookup of a quantized table's rows (either layout) is bitwise the torch path's dequantization, in
+    each dtype; an id outside the table is an error."""
+    from pagedllm.layers import quantization as quant
+    from pagedllm.quant_config import QuantFormat
+
+    g = torch.Generator().manual_seed(0)
+    tensors = quant.quantize(torch.randn(96, 256, generator=g) * 3, QuantFormat(bits, group, offset))
+    table = torch.nn.Module()
+    for name, t in zip(("weight", "weight_scale", "weight_offset"), quant.tile(*tensors) if tiled else tensors):
+        if t is not None:
+            setattr(table, name, torch.nn.Parameter(t, requires_grad=False))
+    ids = torch.tensor([[0, 17, 95, 5], [5, 64, 40, 1]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        table.native = False
+        want = quant.embed(table, ids, dtype)
+        table.native = True
+        assert torch.equal(quant.embed(table, ids, dtype), want)
+    with pytest.raises(RuntimeError, match="id 96 outside the table's 96 rows"):
+        quant.embed(table, torch.tensor([3, 96]), torch.float32)
+
+
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="this CPU builds AVX2 kernels already")
 def test_kernels_built_for_avx2_pass_too():
     """Most desktop CPUs have AVX2 but not AVX-512: the same tests on kernels built for AVX2 (ATen's vector types

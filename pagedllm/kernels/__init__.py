@@ -22,7 +22,7 @@ logger = logging.getLogger("pagedllm")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_attention_cpu.cpp", "layers_cpu.cpp", "linear_cpu.cpp", "decoder_layer_cpu.cpp",
-                        "sampler_cpu.cpp")]
+                        "sampler_cpu.cpp", "embedding_cpu.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the attention kernel is instantiated for
 
@@ -192,6 +192,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     with fp16 group scales [N, groups] and optionally offsets (layers/quantization.py). Up to 4 rows (8 for 4-bit and
     tiled weights) stream the weights at memory speed; more go to a matrix product."""
     return torch.ops.pagedllm.linear(x, weight, bias, scale, offset)
+
+
+def quantized_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (int64 [T]) of a quantized table (layers/quantization.py's format, tiled or not), dequantized to
+    dtype [T, K] exactly as quantization.dequantize computes them."""
+    return torch.ops.pagedllm.quantized_embedding(ids, weight, scale, offset, dtype)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

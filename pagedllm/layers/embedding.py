@@ -11,6 +11,8 @@ from pagedllm.layers.linear import narrow
 
 
 class VocabParallelEmbedding(nn.Module):
+    native = False  # a quantized table's rows through the native kernel (set by layers.custom_op.enable_native_ops)
+
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.tp = get_tp_group()

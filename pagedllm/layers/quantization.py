@@ -182,10 +182,13 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def embed(module: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of an embedding table, dequantized if it is quantized."""
+    """Rows of an embedding table, dequantized if it is quantized (natively where the module runs natively)."""
     if not is_quantized(module):
         return F.embedding(ids, module.weight)
-    out = dequantize(*_rows(module, ids.reshape(-1)), dtype)
+    if getattr(module, "native", False):
+        out = kernels.quantized_embedding(ids.reshape(-1), module.weight, *scale_and_offset(module), dtype)
+    else:
+        out = dequantize(*_rows(module, ids.reshape(-1)), dtype)
     return out.view(*ids.shape, -1)
 
 
