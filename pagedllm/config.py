@@ -211,6 +211,9 @@ class SchedulerConfig:
     # With chunked prefill, one prompt takes at most this many tokens of a step, so a request arriving
     # behind a long prompt is prefilled beside it instead of after it (vLLM's name; 0: half the budget).
     long_prefill_token_threshold: int = 0
+    # Decode steps a batch of decodes runs back to back before the engine schedules again (vLLM's multi-step
+    # scheduling): the engine's per-step Python is paid once for them, tokens come out in bursts of this many.
+    num_scheduler_steps: int = 1
 
     @property
     def max_chunk(self) -> int:

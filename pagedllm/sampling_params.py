@@ -105,6 +105,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def penalized(self) -> bool:
+        """Presence, frequency or repetition penalties: sampling reads the tokens generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
     def token_ids_in_use(self) -> list[int]:
         """Every token id these settings name (stop tokens, logit bias, allowed tokens), to check against a vocabulary."""
         return [*self.stop_token_ids, *(self.logit_bias or {}), *(self.allowed_token_ids or [])]

@@ -48,6 +48,12 @@ class StepInputs:
         """Every row computes one token (no prompt chunk, no verifying chunk)."""
         return len(self.token_ids) == len(self.lens)
 
+    def next_decode(self, sampled: torch.Tensor) -> StepInputs:
+        """The step after a step of decodes that sampled each row once (multi-step scheduling): each row computes the
+        token it just sampled, in the slots its block table already holds."""
+        return StepInputs(sampled.to(self.token_ids.device, torch.long), self.starts + 1, self.lens, self.tables,
+                          self.copies[:0], self.sample_positions, self.prompt_logprobs)
+
     def pack(self) -> torch.Tensor:
         header = torch.tensor([len(self.token_ids), len(self.lens), self.tables.shape[1], len(self.copies),
                                len(self.sample_positions), len(self.prompt_logprobs)])

@@ -82,6 +82,8 @@ def test_cli_generate_prints_paris():
     (["generate", "hi", "--model", "/no/such/model"], "not found"),
     (["generate", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "hi", "--dtype", "float8"], "dtype"),
+    (["generate", "hi", "--num-scheduler-steps", "0"], "num_scheduler_steps must be a positive integer"),
+    (["generate", "hi", "--num-scheduler-steps", "4", "--speculative-config", '{"method": "ngram"}'], "speculative"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(args, message):
     r = subprocess.run(CLI + args, capture_output=True, text=True, timeout=300)

@@ -91,6 +91,7 @@ class EngineArgs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    num_scheduler_steps: int = 1  # decode steps run back to back per schedule (vLLM's multi-step scheduling)
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -119,6 +120,7 @@ class EngineArgs:
     def validate(self) -> None:
         positive = {
             "max_num_seqs": self.max_num_seqs, "block_size": self.block_size,
+            "num_scheduler_steps": self.num_scheduler_steps,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "data_parallel_size": self.data_parallel_size,
@@ -143,6 +145,9 @@ class EngineArgs:
             if getattr(self, name) != "auto":
                 parse_dtype(getattr(self, name))
         SpeculativeConfig.parse(self.speculative_config)
+        if self.num_scheduler_steps > 1 and (self.speculative_config or self.pipeline_parallel_size > 1):
+            raise ValueError("num_scheduler_steps > 1 (multi-step scheduling) cannot be combined with speculative "
+                             "decoding or pipeline parallelism")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
 
@@ -232,4 +237,5 @@ class EngineArgs:
         if not self.enable_chunked_prefill and budget < max_model_len:
             raise ValueError(f"without chunked prefill max_num_batched_tokens ({budget}) must be at least "
                              f"max_model_len ({max_model_len})")
-        return SchedulerConfig(self.max_num_seqs, budget, max_model_len, self.enable_chunked_prefill)
+        return SchedulerConfig(self.max_num_seqs, budget, max_model_len, self.enable_chunked_prefill,
+                               num_scheduler_steps=self.num_scheduler_steps)

@@ -11,6 +11,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.batch_inputs import prompt_logprob_row, step_inputs
 from pagedllm.engine.block_manager import BlockManager
 from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType, load_tokenizer
 from pagedllm.engine.kv_cache_budget import determine_num_blocks
@@ -25,7 +26,7 @@ from pagedllm.executor.multiproc import MultiprocExecutor
 from pagedllm.executor.uniproc import UniProcExecutor
 from pagedllm.outputs import ENGINE_DEAD, REQUEST_FAILED, RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.step import SamplingMetadata, StepInputs
+from pagedllm.step import SamplerOutput, SamplingMetadata, StepInputs, StepOutput
 
 logger = logging.getLogger("pagedllm")
 
@@ -41,30 +42,9 @@ class _Launched:
     speculating: list[tuple[Sequence, int, list[int]]] = field(default_factory=list)  # (seq, first row, proposals)
     prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk start): prompt logprobs
     sampling: SamplingMetadata | None = None
+    inputs: StepInputs | None = None
     flight: object = None  # the executor's handle for collect()
     error: Exception | None = None
-
-
-def _chunk(s: ScheduledSeq) -> list[int]:
-    """The tokens a scheduled sequence computes: part of its tokens, or its last one and its proposals."""
-    start = s.seq.num_computed_tokens
-    return (s.seq.token_ids[start:start + s.num_new_tokens] + s.seq.spec_token_ids)[:s.num_new_tokens]
-
-
-def step_inputs(batch: list[ScheduledSeq], copies: list[tuple[int, int]], sample_positions: list[int],
-                prompt_rows: list[tuple[int, int, int]] = ()) -> StepInputs:
-    """A scheduled batch as the plain tensors the workers take."""
-    return StepInputs.build([_chunk(s) for s in batch], [s.seq.num_computed_tokens for s in batch],
-                            [s.seq.block_table for s in batch], copies, sample_positions, prompt_rows)
-
-
-def prompt_logprob_row(i: int, s: ScheduledSeq) -> tuple[int, int, int] | None:
-    """(batch row, top k, the prompt token after the chunk or -1) when this chunk has prompt tokens to score."""
-    seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-    if seq.params.prompt_logprobs is None or start >= seq.num_prompt_tokens:
-        return None
-    following = seq.token_ids[start + n] if start + n < seq.num_prompt_tokens else -1
-    return (i, seq.params.prompt_logprobs, following) if n > 1 or following >= 0 else None
 
 
 class LLMEngine:
@@ -243,8 +223,8 @@ class LLMEngine:
                     (drafts, firsts) if launched.speculating else None)
                 if dists:
                     launched.sampling.spec_probs = self.speculator.row_probs(launched.speculating, len(rows), dists, device)
-            launched.flight = self.executor.submit(step_inputs(batch, out.blocks_to_copy, [p for p, _ in rows],
-                                                               prompt_rows))
+            launched.inputs = step_inputs(batch, out.blocks_to_copy, [p for p, _ in rows], prompt_rows)
+            launched.flight = self.executor.submit(launched.inputs)
         except Exception as exc:
             launched.error = exc
         return launched
@@ -257,6 +237,10 @@ class LLMEngine:
             if launched.error is not None:
                 raise launched.error
             result = self.executor.collect(launched.flight, launched.sampling)
+            self._settle(launched, result)
+            for _ in range(1, out.num_steps):
+                if (result := self._next_decode(launched, result.sampled)) is None:
+                    break
         except WorkerDiedError:  # the group is broken: nothing can run any more
             logger.exception("a tensor- or pipeline-parallel worker died")
             self._fail(set(self.requests.values()), ENGINE_DEAD)
@@ -265,7 +249,13 @@ class LLMEngine:
             logger.exception("engine step failed")
             self.block_manager.reset_prefix_cache()  # blocks registered for this step may hold no K/V
             return self._fail({s.seq.request for s in batch}, REQUEST_FAILED)
-        self.scheduler.update_after_step(out)
+        # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
+        touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
+        return [self._output(req) for req in touched if req.request_id in self.requests]
+
+    def _settle(self, launched: _Launched, result: StepOutput) -> None:
+        """A step's results into its sequences: computed tokens, forks, prompt logprobs, sampled tokens."""
+        self.scheduler.update_after_step(launched.out)
         for parent, child in launched.forks:
             if parent.is_finished:  # aborted while its batch was in flight
                 continue
@@ -275,12 +265,22 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self.output_processor.append_prompt_logprobs(launched.prompt_rows, result.prompt_logprobs)
         if result.sampled is not None:
-            self.num_generation_tokens += self.output_processor.append_tokens([seq for _, seq in rows], result.sampled)
+            self.num_generation_tokens += self.output_processor.append_tokens([s for _, s in launched.rows], result.sampled)
         if launched.speculating:
             self.speculator.settle(self.scheduler, launched.speculating, result.sampled.token_ids.tolist())
-        # as in vLLM, a step reports the requests it gave a token (or finished), not those still mid-prefill
-        touched = {seq.request for _, seq in rows} | {s.seq.request for s in batch if s.seq.request.is_finished}
-        return [self._output(req) for req in touched if req.request_id in self.requests]
+
+    def _next_decode(self, launched: _Launched, sampled: SamplerOutput) -> StepOutput | None:
+        """One more step of a multi-step batch, each row feeding back its sampled token; None once every sequence
+        has finished. A row whose sequence finished still computes (the batch keeps its shape) into slots nobody
+        else holds until the next schedule; its tokens are dropped."""
+        seqs = [seq for _, seq in launched.rows]
+        if all(seq.is_finished for seq in seqs):
+            return None
+        self.scheduler.count_computed(seqs)
+        launched.inputs = launched.inputs.next_decode(sampled.token_ids)
+        result = self.executor.collect(self.executor.submit(launched.inputs), launched.sampling)
+        self.num_generation_tokens += self.output_processor.append_tokens(seqs, result.sampled)
+        return result
 
     def _fail(self, requests: set[Request], message: str) -> list[RequestOutput]:
         outputs = []

@@ -21,7 +21,7 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: tupl
     ps = [s.params for s in seqs]
     f32 = dict(dtype=torch.float32, device=device)
     greedy = [p.greedy for p in ps]
-    any_pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps)
+    any_pen = any(p.penalized for p in ps)
     banned_rows, banned_ids = [], []
     for i, (s, p) in enumerate(zip(seqs, ps)):
         if s.num_output_tokens < p.min_tokens:

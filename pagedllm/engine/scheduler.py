@@ -28,6 +28,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_steps: int = 1  # decode steps to run back to back (multi-step scheduling); slots are held for all of them
 
     @property
     def num_tokens(self) -> int:
@@ -119,13 +120,42 @@ class Scheduler:
             req = s.seq.request
             if len(req.seqs) == 1 and req.params.n > 1 and s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens:
                 s.num_samples = req.params.n
+        out.num_steps = self._lookahead(out)
         return out
+
+    def _lookahead(self, out: SchedulerOutput) -> int:
+        """How many decode steps the batch runs back to back (SchedulerConfig.num_scheduler_steps), its sequences'
+        slots for all of them allocated. Only a batch of plain decodes whose sampling does not read their output so
+        far (no penalties, structured output or pending min_tokens), with nobody waiting to be admitted and the
+        blocks to spare; no sequence may pass its max_tokens or max_model_len on the way."""
+        k, max_len, bm = self.config.num_scheduler_steps, self.config.max_model_len, self.block_manager
+        if k == 1 or self.waiting or out.preempted:
+            return 1
+        for s in out.scheduled:
+            seq, p = s.seq, s.seq.params
+            if (s.num_new_tokens != 1 or s.num_samples != 1 or seq.spec_token_ids or seq.guide is not None
+                    or seq.num_computed_tokens < seq.num_prompt_tokens or p.penalized
+                    or seq.num_output_tokens < p.min_tokens):
+                return 1
+            k = min(k, (p.max_tokens or max_len) - seq.num_output_tokens, max_len - seq.num_tokens)
+        need = sum(max(0, bm.blocks_needed(s.seq.num_computed_tokens + k) - len(s.seq.block_table)) for s in out.scheduled)
+        if k <= 1 or need > bm.num_free_blocks:
+            return 1
+        for s in out.scheduled:
+            bm.allocate(s.seq, k)
+        return k
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Account for the tokens just computed (their K/V are now in the pool); proposals count once verified
         (settle_speculation)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens - len(s.seq.spec_token_ids)
+
+    def count_computed(self, seqs: list[Sequence]) -> None:
+        """A further step of a multi-step batch computed each running sequence's last token."""
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.num_computed_tokens += 1
 
     def settle_speculation(self, seq: Sequence, num_accepted: int) -> None:
         """After a speculating step: the accepted proposals' K/V are valid (they are the tokens now appended), the

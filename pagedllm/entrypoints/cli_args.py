@@ -48,6 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps a batch runs back to back per schedule (multi-step scheduling): less engine "
+                        "overhead per token, tokens streamed in bursts of this many")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
