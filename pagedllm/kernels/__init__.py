@@ -206,7 +206,12 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.pagedllm.argmax(x)
 
 
-def decoder_layers(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *metadata_and_weights):
+def decoder_stack(weights: list[torch.Tensor | None], num_heads: int, eps: float, scale: float):
+    """A stack of decoder layers' weights (csrc/decoder_layer_cpu.cpp's order) as one object, converted once."""
+    return torch.classes.pagedllm.DecoderStack(weights, num_heads, eps, scale)
+
+
+def decoder_layers(x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, *metadata_and_stack):
     """A stack of decoder layers (see csrc/decoder_layer_cpu.cpp for the arguments): residual += x, then each layer
     on the normed residual; returns the last one's output. x and residual are updated in place."""
-    return torch.ops.pagedllm.decoder_layers(x, residual, positions, *metadata_and_weights)
+    return torch.ops.pagedllm.decoder_layers(x, residual, positions, *metadata_and_stack)

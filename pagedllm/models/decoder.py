@@ -167,10 +167,9 @@ class DecoderModel(CustomOp):
         x = self._first(input_ids, hidden)
         if residual is None:  # the kernel starts each layer with residual += x
             x, residual = None, x
-        first, batch = self.stage_layers[0], meta.native
+        batch = meta.native
         x = kernels.decoder_layers(x, residual, positions, meta.slot_mapping, batch.block_tables, batch.query_start,
-                                   batch.context_lens, self.kv_caches(), self._native_params,
-                                   first.self_attn.num_heads, first.input_layernorm.eps, first.self_attn.attn.scale)
+                                   batch.context_lens, self.kv_caches(), self._native_stack)
         return self._last(x, residual)
 
     def kv_caches(self) -> list[torch.Tensor]:
@@ -182,9 +181,12 @@ class DecoderModel(CustomOp):
         return self._kv_caches
 
     @functools.cached_property
-    def _native_params(self) -> list[torch.Tensor | None]:
-        """Every stage layer's weights, gathered once (per call, the module lookups would cost as much as the norms)."""
-        return [p for layer in self.stage_layers for p in layer.native_params()]
+    def _native_stack(self):
+        """Every stage layer's weights, gathered and handed to the kernel once (per call, the module lookups would cost
+        as much as the norms, the list's conversion several times that)."""
+        first = self.stage_layers[0]
+        return kernels.decoder_stack([p for layer in self.stage_layers for p in layer.native_params()],
+                                     first.self_attn.num_heads, first.input_layernorm.eps, first.self_attn.attn.scale)
 
     def _first(self, input_ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         return self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden
