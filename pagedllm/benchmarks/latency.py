@@ -49,7 +49,7 @@ def _result(llm: LLM, prompt: list[int], runs: list[tuple[float, float, int, flo
         "quantization": engine.config.load.quantization, "prompt_tokens": len(prompt),
         "output_tokens": median(generated), "iterations": len(runs), "ttft_s": median(ttfts), "tpot_s": tpot,
         "decode_tok_s": 1 / tpot, "decode_tok_s_each": [1 / t for t in tpots], "weight_bytes": weight_bytes,
-        "read_bandwidth": bandwidth, "bandwidth_limit_tok_s": bandwidth / weight_bytes,
+        "read_bandwidth": bandwidth, "read_bandwidth_each": list(bandwidths), "bandwidth_limit_tok_s": bandwidth / weight_bytes,
         # each decode against the bandwidth measured beside it
         "bandwidth_fraction": median([weight_bytes / t / b for t, b in zip(tpots, bandwidths)]),
     }

@@ -30,6 +30,7 @@ class InputBuilder:
     def __init__(self, block_size: int, kv_heads: int, num_blocks: int, device: torch.device, native: bool):
         self.block_size, self.kv_heads, self.num_blocks, self.device = block_size, kv_heads, num_blocks, device
         self.native = native  # a kernel (native CPU, Triton) reads the pool through the block tables: no buckets
+        self._aranges: dict[int, torch.Tensor] = {}
 
     def _gather_index(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables -> rows of the pool viewed as [kv_heads * num_blocks, block_size * head_dim]."""
@@ -39,8 +40,8 @@ class InputBuilder:
         bs = self.block_size
         starts, lens, tables = step.starts, step.lens, step.tables
         if step.decodes_only:  # a token per row: a third of the general form's ops
-            row = first = torch.arange(len(lens))
-            offset, positions, query_start = torch.zeros_like(row), starts, torch.arange(len(lens) + 1)
+            row = first = self._arange(len(lens))
+            offset, positions, query_start = None, starts, self._arange(len(lens) + 1)
         else:
             row = torch.repeat_interleave(torch.arange(len(lens)), lens)  # batch row of every token
             first = torch.cumsum(lens, 0) - lens  # first token of every row
@@ -54,8 +55,14 @@ class InputBuilder:
             meta.native = NativeBatch(self._to_device(tables), self._to_device(query_start), self._to_device(ctx),
                                       int(ctx.max()) if len(ctx) else 0)
         else:
-            self._add_buckets(meta, step, row, first, offset)
+            self._add_buckets(meta, step, row, first, torch.zeros_like(row) if offset is None else offset)
         return self._to_device(step.token_ids), self._to_device(positions), meta
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """0 .. n-1, kept per n (a decode step needs two; they are only read)."""
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n)
+        return self._aranges[n]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """On a GPU, from pinned memory without waiting for the copy (the step's kernels queue behind it)."""

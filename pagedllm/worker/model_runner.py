@@ -91,7 +91,9 @@ class ModelRunner:
         prompt = self._prompt_logprobs(step, hidden) if len(step.prompt_logprobs) else None
         if not len(step.sample_positions):
             return None, prompt
-        return self.model.compute_logits(hidden[step.sample_positions.to(self.device)]), prompt
+        if not (step.decodes_only and len(step.sample_positions) == len(hidden)):  # else every row, once, in order
+            hidden = hidden[step.sample_positions.to(self.device)]
+        return self.model.compute_logits(hidden), prompt
 
     def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, chunk: int = 256) -> PromptLogprobs:
         """Each requested row's prompt tokens after its chunk's first, scored by the positions before them (the last
