@@ -22,8 +22,9 @@ MAX_MODEL_LEN = 512
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
+    # several decode steps per schedule: every answer below is checked against the one-step offline engine
     with running_server(tiny_models["qwen3"], "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-                        "--api-key", API_KEY, "--served-model-name", "tiny") as started:
+                        "--api-key", API_KEY, "--served-model-name", "tiny", "--num-scheduler-steps", "4") as started:
         yield started
 
 

@@ -69,9 +69,10 @@ def test_int4_weights_shard_along_their_groups(tiny_models):
         llm.engine.shutdown()
 
 
-def test_tp2_under_preemption(tiny_models):
+def test_tp2_under_preemption_with_multi_step(tiny_models):
+    """Both ranks take every step of a multi-step batch (the next step's inputs travel like any other's)."""
     check_greedy_against_hf(tiny_models["qwen3"], PROMPTS, MAX_TOKENS, expect_preemption=True, max_model_len=80,
-                            tensor_parallel_size=2, num_gpu_blocks_override=10, block_size=8)
+                            tensor_parallel_size=2, num_gpu_blocks_override=10, block_size=8, num_scheduler_steps=4)
 
 
 def test_tp_that_does_not_divide_heads_fails_clearly(tiny_models):

@@ -61,7 +61,8 @@ def cmd_throughput(ns: argparse.Namespace) -> None:
     elapsed = _run(llm, w)
     result = {
         "benchmark": "throughput", "model": engine.config.model.name, "dtype": dtype_name(engine.config.dtype),
-        "num_prompts": len(w.prompts), "prompt_tokens": w.num_prompt_tokens, "output_tokens": w.num_output_tokens,
+        "quantization": engine.config.load.quantization, "num_prompts": len(w.prompts),
+        "prompt_tokens": w.num_prompt_tokens, "output_tokens": w.num_output_tokens,
         "elapsed_s": elapsed, "requests_per_s": len(w.prompts) / elapsed, "output_tok_s": w.num_output_tokens / elapsed,
         "total_tok_s": (w.num_prompt_tokens + w.num_output_tokens) / elapsed,
         "prefix_cache_hit_tokens": _prefix_hits(engine) - hits0,
@@ -172,7 +173,8 @@ def bench_device(ns: argparse.Namespace):
 def _print_throughput(r: dict) -> None:
     lim, roof = r["limits"], r["roofline"]
     b = lim["decode_batch"]
-    print(f"\n{r['model']} ({r['dtype']}): {r['num_prompts']} requests, {r['prompt_tokens']} prompt + "
+    weights = f"{r['quantization']} weights, {r['dtype']} activations" if r.get("quantization") else r["dtype"]
+    print(f"\n{r['model']} ({weights}): {r['num_prompts']} requests, {r['prompt_tokens']} prompt + "
           f"{r['output_tokens']} output tokens in {r['elapsed_s']:.1f} s")
     print(f"  output {r['output_tok_s']:.1f} tok/s | total {r['total_tok_s']:.1f} tok/s | {r['requests_per_s']:.2f} req/s")
     print(f"  machine: matmul {lim['matmul_flops_1_token'] / 1e9:.0f} / {lim[f'matmul_flops_{b}_tokens'] / 1e9:.0f} / "
