@@ -113,3 +113,22 @@ def test_next_decode_feeds_back_the_sampled_tokens():
     nxt = step.next_decode(torch.tensor([7, 8]))
     assert nxt.token_ids.tolist() == [7, 8] and nxt.starts.tolist() == [4, 11] and nxt.lens.tolist() == [1, 1]
     assert torch.equal(nxt.tables, step.tables) and nxt.sample_positions.tolist() == [0, 1] and nxt.decodes_only
+
+
+def test_blocks_a_multi_step_batch_fills_serve_later_prompts(tiny_models):
+    """Blocks completed inside a multi-step batch are registered for prefix caching as one step at a time registers
+    them: a prompt that repeats a finished request's prompt and output finds as many cached tokens either way."""
+    from pagedllm import LLM
+
+    prompt = random_prompts(1, 20, 20, seed=9)[0]
+    cached = {}
+    for steps in (1, 8):
+        llm = LLM(tiny_models["qwen3"], dtype="float32", num_scheduler_steps=steps, block_size=4)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+            again = llm.generate([{"prompt_token_ids": prompt + out}], params, use_tqdm=False)[0]
+            cached[steps] = again.num_cached_tokens
+        finally:
+            llm.engine.shutdown()
+    assert cached[8] == cached[1] == 40  # 43 tokens, their K/V computed for the first 42: ten full blocks

@@ -276,7 +276,7 @@ class LLMEngine:
         seqs = [seq for _, seq in launched.rows]
         if all(seq.is_finished for seq in seqs):
             return None
-        self.scheduler.count_computed(seqs)
+        self.scheduler.advance(seqs)
         launched.inputs = launched.inputs.next_decode(sampled.token_ids)
         result = self.executor.collect(self.executor.submit(launched.inputs), launched.sampling)
         self.num_generation_tokens += self.output_processor.append_tokens(seqs, result.sampled)

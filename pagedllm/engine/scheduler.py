@@ -151,10 +151,12 @@ class Scheduler:
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens - len(s.seq.spec_token_ids)
 
-    def count_computed(self, seqs: list[Sequence]) -> None:
-        """A further step of a multi-step batch computed each running sequence's last token."""
+    def advance(self, seqs: list[Sequence]) -> None:
+        """Before a further step of a multi-step batch: each running sequence computes its last token, and the blocks
+        that completes are registered for prefix caching, as schedule() registers a step's."""
         for seq in seqs:
             if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq, seq.num_tokens)
                 seq.num_computed_tokens += 1
 
     def settle_speculation(self, seq: Sequence, num_accepted: int) -> None:
