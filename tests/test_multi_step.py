@@ -55,6 +55,7 @@ def test_lookahead_stops_at_max_model_len_and_when_blocks_run_out_or_a_request_w
 
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0, max_tokens=24, logprobs=2),
+    SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=24),  # forked samples: copy-on-write, then lookahead
     SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=24),
     SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[int(t) for t in range(3, 49152, 7)]),
 ])
