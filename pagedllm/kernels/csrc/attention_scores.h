@@ -13,38 +13,31 @@
 
 namespace pagedllm::cpu {
 
-// Few rows (decodes): scores[r][j] = q_r . k_j as a dot product per row and key.
+// Few rows (decodes): scores[r][j] = q_r . k_j as a dot product per row and key, each key converted once for all
+// rows; a row's products of kLanes keys are summed across their lanes together (sum_each: about one instruction a
+// score, where a horizontal sum of its own took about eight).
 template <typename T, int64_t D>
 void scores_by_dot_products(const TaskView<T, D>& t, const float* qf, float* scores) {
   constexpr int64_t C = D / kLanes;
+  Vec part[kTransposeRows][kLanes];  // row r's products of the current kLanes keys, not yet summed
+  for (auto& row : part)
+    for (Vec& v : row) v = Vec(0.f);
   t.for_each_row(false, [&](int64_t j, const T* k) {
     Vec kv[C];
     for (int64_t c = 0; c < C; ++c) kv[c] = load_float(k + c * kLanes);
-    for (int64_t r = t.first_row_seeing(j); r < t.rows; ++r) {
+    const int64_t i = j % kLanes, first = t.first_row_seeing(j);
+    for (int64_t r = 0; r < t.rows; ++r) {
       const float* qr = qf + r * D;
-      Vec s = Vec::loadu(qr) * kv[0];
-      for (int64_t c = 1; c < C; ++c) s = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s);
-      scores[r * t.keys + j] = sum_of(s);
+      Vec s[2] = {Vec::loadu(qr) * kv[0], Vec(0.f)};  // two chains of dependent FMAs, half as long
+      for (int64_t c = 1; c < C; ++c) s[c % 2] = at::vec::fmadd(Vec::loadu(qr + c * kLanes), kv[c], s[c % 2]);
+      part[r][i] = r < first ? Vec(0.f) : s[0] + s[1];  // rows before `first` do not see key j
     }
+    if (i == kLanes - 1 || j == t.keys - 1)
+      for (int64_t r = 0; r < t.rows; ++r) sum_each(part[r]).store(scores + r * t.keys + j - i, i + 1);
   });
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Lane j of the result is the sum of v[j]'s 16 lanes: 16 horizontal sums in 45 instructions instead of 16 x 8.
-inline __m512 sum_lanes(const __m512* v) {
-  __m512 w[8], x[4];
-  for (int i = 0; i < 8; ++i)  // lane L: [v2i, v2i+1, v2i, v2i+1] partial sums
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // lane L: [v4i, v4i+1, v4i+2, v4i+3], each summed over lane L
-    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
-    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // out lane i = the sum over lanes L of x[i]'s lane L (a 4 x 4 transpose of 128-bit lanes, added up)
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
-}
-
 // Few rows in bf16, on CPUs with AVX512-BF16: 16 keys at a time, each q . k by pairwise bf16 dot products
 // straight into fp32 (the products are exact; no conversion of the keys), then 16 horizontal sums at once.
 // q[r] is row r's query in bf16, unscaled.

@@ -72,15 +72,16 @@ struct TaskView {
     prefetch_block(v_head, j);
   }
   // Calls body(j, row) for the keys' (or, with values, the values') rows block by block: a block's rows are
-  // contiguous, the keys' pass prefetches as above, the values' the next block.
+  // contiguous, the keys' pass prefetches as above, the values' the next block (unless `prefetch` is false: a
+  // pass over rows an earlier pass brought in).
   template <typename F>
-  void for_each_row(bool values, F&& body) const {
+  void for_each_row(bool values, F&& body, bool prefetch = true) const {
     const T* head = values ? v_head : k_head;
     for (int64_t j0 = 0; j0 < keys; j0 += block_size) {
       const T* block = head + table[j0 / block_size] * block_size * D;
       if (!values) {
         prefetch_for_keys(j0);
-      } else if (j0 + block_size < keys) {
+      } else if (prefetch && j0 + block_size < keys) {
         prefetch_block(head, j0 + block_size);
       }
       for (int64_t i = 0; i < std::min(block_size, keys - j0); ++i) body(j0 + i, block + i * D);

@@ -13,27 +13,36 @@
 
 namespace pagedllm::cpu {
 
-// Few rows: out_r = sum_j p[r][j] v_j for all R rows at once, each value row converted to fp32 once and
-// the sums in registers (probabilities past a row's visible keys are zero).
+// Few rows: out_r = sum_j p[r][j] v_j for all R rows at once, each value row converted to fp32 once per pass and
+// the sums in registers (probabilities past a row's visible keys are zero). A pass covers the dimensions whose R
+// rows of sums fit the registers beside their value vectors: with all of them at once, R = 3 rows of D = 64 on AVX2
+// (16 registers of 8 lanes) kept 24 sums and spilled them on every key.
 template <typename T, int64_t D, int64_t R, typename Dest>
 void values_of_rows(const TaskView<T, D>& t, const float* probs, Dest&& dest) {
   constexpr int64_t C = D / kLanes;
-  Vec acc[R][C];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) acc[r][c] = Vec(0.f);
-  t.for_each_row(true, [&](int64_t j, const T* v) {
-    Vec vf[C];
-    for (int64_t c = 0; c < C; ++c) vf[c] = load_float(v + c * kLanes);
-    for (int64_t r = 0; r < R; ++r) {
-      const Vec p(probs[r * t.keys + j]);
-      for (int64_t c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(p, vf[c], acc[r][c]);
-    }
-  });
-  for (int64_t r = 0; r < R; ++r) {
-    float row[D];
-    for (int64_t c = 0; c < C; ++c) acc[r][c].store(row + c * kLanes);
-    dest(r, row);
+  constexpr int64_t kRegisters = kLanes >= 16 ? 30 : 14;  // of 32 (AVX-512) or 16, less the probability and a spare
+  constexpr int64_t CC = [] {  // vectors per pass: a power of two (so dividing C), with R + 1 of each in registers
+    int64_t cc = 1;
+    while (2 * cc <= C && 2 * cc * (R + 1) <= kRegisters) cc *= 2;
+    return cc;
+  }();
+  float rows[R][D];
+  for (int64_t c0 = 0; c0 < C; c0 += CC) {
+    Vec acc[R][CC];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < CC; ++c) acc[r][c] = Vec(0.f);
+    t.for_each_row(true, [&](int64_t j, const T* v) {
+      Vec vf[CC];
+      for (int64_t c = 0; c < CC; ++c) vf[c] = load_float(v + (c0 + c) * kLanes);
+      for (int64_t r = 0; r < R; ++r) {
+        const Vec p(probs[r * t.keys + j]);
+        for (int64_t c = 0; c < CC; ++c) acc[r][c] = at::vec::fmadd(p, vf[c], acc[r][c]);
+      }
+    }, c0 == 0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < CC; ++c) acc[r][c].store(rows[r] + (c0 + c) * kLanes);
   }
+  for (int64_t r = 0; r < R; ++r) dest(r, rows[r]);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)

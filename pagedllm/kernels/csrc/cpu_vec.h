@@ -11,8 +11,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
 // Functions with this attribute are compiled for AVX512-BF16 and called only where cpu_has_bf16_dot().
 #define PAGEDLLM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
@@ -80,6 +82,42 @@ inline void transpose16(__m512* r) {
 
 inline float sum_of(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane j of the result is the sum of v[j]'s 16 lanes: 16 horizontal sums in 45 instructions instead of 16 x 8.
+inline __m512 sum_lanes(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)  // lane L: [v2i, v2i+1, v2i, v2i+1] partial sums
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane L: [v4i, v4i+1, v4i+2, v4i+3], each summed over lane L
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // out lane i = the sum over lanes L of x[i]'s lane L (a 4 x 4 transpose of 128-bit lanes, added up)
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+#endif
+
+// Lane i of the result is the sum of v[i]'s lanes, for kLanes vectors v.
+inline Vec sum_each(const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 w[16];
+  for (int i = 0; i < 16; ++i) w[i] = v[i];
+  return sum_lanes(w);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 t[4];
+  for (int i = 0; i < 4; ++i) t[i] = _mm256_hadd_ps(v[2 * i], v[2 * i + 1]);  // pair sums of v[2i], v[2i + 1] per half
+  const __m256 u0 = _mm256_hadd_ps(t[0], t[1]), u1 = _mm256_hadd_ps(t[2], t[3]);  // quarter sums of v[0..3], v[4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  float out[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) out[i] = sum_of(v[i]);
+  return Vec::loadu(out);
+#endif
 }
 
 }  // namespace pagedllm::cpu

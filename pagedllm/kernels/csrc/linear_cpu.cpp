@@ -27,9 +27,6 @@ namespace pagedllm::cpu {
 namespace {
 
 constexpr int64_t kMaxRows = 4;         // up to this many input rows, one pass over the weights serves them all
-// 4-bit weights: up to this many rows (measured at 6 and 8 rows: the GEMV took 0.35-0.75x the time of dequantizing
-// for the matmul; for int8 and bf16 weights the matmul is as fast or faster from 5 rows)
-constexpr int64_t kMaxQuantRows = 8;
 constexpr int64_t kInt8KernelRows = 16;  // above, dequantizing per-row int8 weights for a matmul is faster
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -141,21 +138,6 @@ void quant_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_
   });
 }
 
-// Calls f with the number of rows (1 to kMaxQuantRows) as a compile-time constant.
-template <typename F>
-void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int64_t, 1>{}); break;
-    case 2: f(std::integral_constant<int64_t, 2>{}); break;
-    case 3: f(std::integral_constant<int64_t, 3>{}); break;
-    case 4: f(std::integral_constant<int64_t, 4>{}); break;
-    case 5: f(std::integral_constant<int64_t, 5>{}); break;
-    case 6: f(std::integral_constant<int64_t, 6>{}); break;
-    case 7: f(std::integral_constant<int64_t, 7>{}); break;
-    default: f(std::integral_constant<int64_t, 8>{}); break;
-  }
-}
-
 template <typename W>
 QuantWeight<W> quant_weight(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
                             int64_t k) {
@@ -174,24 +156,34 @@ void with_quant_weight(const at::Tensor& weight, const at::Tensor& scale, const 
   }
 }
 
-// Up to kMaxQuantRows rows with a tiled weight (quant_gemv_tiled.h; arguments checked by linear).
+// A tiled weight's product (quant_gemv_tiled.h; arguments checked by linear): up to kMaxQuantRows rows, and on AVX2
+// builds any number (tiled_batches_in_int8).
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& scale, const std::optional<at::Tensor>& offset) {
   const auto xc = x.contiguous();
   const int64_t n_out = weight.size(0) * kTileFeatures, k = x.size(1);
   auto y = at::empty({x.size(0), n_out}, x.options());
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   PAGEDLLM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tiled_linear", [&] {
-    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    with_rows(x.size(0), [&](auto rows) {
-      with_quant_weight(weight, scale, offset, k, [&](const auto& w) {
-        using W = typename std::decay_t<decltype(w)>::value_type;
-        tiled_gemv<scalar_t, W, decltype(rows)::value>(xc.data_ptr<scalar_t>(), w, b, y.data_ptr<scalar_t>(), n_out);
-      });
+    with_quant_weight(weight, scale, offset, k, [&](const auto& w) {
+      using W = typename std::decay_t<decltype(w)>::value_type;
+      tiled_gemm<scalar_t, W>(xc.data_ptr<scalar_t>(), x.size(0), w, bias ? bias->data_ptr<scalar_t>() : nullptr,
+                              y.data_ptr<scalar_t>(), n_out);
     });
   });
 #endif
   return y;
+}
+
+// Whether tiled weights multiply batches of any size with int8 activations, as their decodes do (tiled_gemm), rather
+// than dequantized for a bf16 matrix product (quant_gemm.h, AVX512-BF16): on AVX2 builds, which have none, as
+// llama.cpp's AVX2 kernels multiply prompts.
+bool tiled_batches_in_int8() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return false;
+#else
+  return true;
+#endif
 }
 
 // The GEMV for up to kMaxRows rows of x, kMaxQuantRows for 4-bit weights (arguments checked by linear).
@@ -244,16 +236,15 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
-// A quantized weight as a [N, K] matrix of dtype, in a buffer this thread reuses (valid until its next call): a
-// matmul on freshly allocated pages ran at half speed (measured: 880 us against 470 us at 64 x 1536 x 576, the
-// page faults and unmapping of a new buffer each call).
-at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
-                      int64_t k, at::ScalarType dtype) {
+// A [N, K] matrix of dtype in a buffer this thread reuses (valid until its next call), for the weights of a matrix
+// product dequantized or converted: a matmul on freshly allocated pages ran at half speed (measured: 880 us against
+// 470 us at 64 x 1536 x 576, the page faults and unmapping of a new buffer each call).
+at::Tensor scratch_matrix(int64_t n, int64_t k, at::ScalarType dtype) {
   static thread_local at::Tensor scratch;
   constexpr int64_t kHugePage = 2 << 20;
-  const int64_t nbytes = weight.size(0) * k * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t nbytes = n * k * static_cast<int64_t>(c10::elementSize(dtype));
   const bool fresh = !scratch.defined() || scratch.numel() < nbytes + kHugePage;
-  if (fresh) scratch = at::empty({nbytes + kHugePage}, weight.options().dtype(at::kByte));
+  if (fresh) scratch = at::empty({nbytes + kHugePage}, at::TensorOptions().dtype(at::kByte));
   const auto base = reinterpret_cast<uintptr_t>(scratch.data_ptr());
   const int64_t aligned = static_cast<int64_t>(((base + kHugePage - 1) & ~(kHugePage - 1)) - base);
 #if defined(MADV_HUGEPAGE)
@@ -261,14 +252,35 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const s
   // 4 KiB pages costs a TLB miss every few rows
   if (fresh) madvise(scratch.data_ptr<uint8_t>() + aligned, nbytes, MADV_HUGEPAGE);
 #endif
-  auto out = scratch.narrow(0, aligned, nbytes).view(dtype).view({weight.size(0), k});
+  return scratch.narrow(0, aligned, nbytes).view(dtype).view({n, k});
+}
+
+// A quantized weight (either layout) as a [N, K] matrix of dtype, in scratch_matrix's buffer.
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                      int64_t n, int64_t k, at::ScalarType dtype) {
+  auto out = scratch_matrix(n, k, dtype);
   PAGEDLLM_DISPATCH_FLOAT_TYPES(dtype, "dequantize", [&] {
     with_quant_weight(weight, scale, offset, k, [&](const auto& w) {
-      dequantize_rows<scalar_t, typename std::decay_t<decltype(w)>::value_type>(w, out.data_ptr<scalar_t>(),
-                                                                                weight.size(0));
+      dequantize_rows<scalar_t, typename std::decay_t<decltype(w)>::value_type>(w, out.data_ptr<scalar_t>(), n);
     });
   });
   return out;
+}
+
+// The dtype a matrix product multiplies in: x's, but fp32 for bf16 and fp16 activations on CPUs without
+// AVX512-BF16, where torch's matmul for them ran at a seventh of fp32's speed (measured here on AVX2 at 128 x 576 x
+// 1536: 16 against 112 GFLOP/s; converting the weights to fp32 costs less than that).
+at::ScalarType matmul_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat || cpu_has_bf16_dot() ? x.scalar_type() : at::kFloat;
+}
+
+// x [M, K] w^T (+ bias), w [N, K] in matmul_dtype(x) or (converted here) in x's dtype; the result in x's dtype.
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  const auto dtype = matmul_dtype(x);
+  if (dtype == x.scalar_type()) return at::linear(x, w, bias);
+  const auto wd = w.scalar_type() == dtype ? w : scratch_matrix(w.size(0), w.size(1), dtype).copy_(w);
+  return at::linear(x.to(dtype), wd, bias ? std::optional<at::Tensor>(bias->to(dtype)) : std::nullopt)
+      .to(x.scalar_type());
 }
 
 }  // namespace
@@ -280,9 +292,9 @@ namespace pagedllm {
 // [N, groups] and optionally offset [N, groups], or tiled for int8 dot products (quant_gemv_tiled.h: values
 // [N / 16, K / 4 or K / 8, 64], scale and offset [N / 16, groups, 16]); bias: [N] or none. Returns [M, N]. Up to
 // kMaxRows rows (kMaxQuantRows for 4-bit and tiled weights) stream the weights through the GEMVs above; more rows are
-// a matrix product: float weights through oneDNN, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16),
+// a matrix product: float weights through torch's, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16),
 // elsewhere torch's int8-weight kernel (per-row int8, up to kInt8KernelRows rows) or the weights dequantized once
-// per call.
+// per call for torch's (which multiplies in fp32 where bf16 would be slow: matmul_dtype).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset) {
   const bool tiled = weight.dim() == 3, int8 = weight.scalar_type() == at::kChar, int4 = weight.scalar_type() == at::kByte;
@@ -294,7 +306,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(tiled ? weight.size(2) == 64 && weight.size(1) * 64 / tile == (int4 ? k / 2 : k) && cpu::cpu_has_int8_dot()
                     : weight.size(1) == (int4 ? k / 2 : k),
               "linear: weight [N, K] (4-bit: [N, K / 2]), or tiled [N / 16, K / 4 or K / 8, 64] on a CPU with "
-              "AVX512-VNNI");
+              "AVX512-VNNI or AVX2");
   TORCH_CHECK((int8 || int4) == scale.has_value() && (scale.has_value() || !offset.has_value()),
               "linear: quantized weights need a scale (and may have an offset), others neither");
   TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n),
@@ -311,23 +323,20 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                 "linear: 4-bit weights need K a multiple of 32 and groups of 32 times a power of two");
   }
   if (x.size(0) == 0) return at::empty({0, n}, x.options());
-  if (tiled) {
-    if (x.size(0) <= cpu::kMaxQuantRows) return cpu::tiled_linear(x, weight, bias, *scale, offset);
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear: tiled weights multiply more than ", cpu::kMaxQuantRows,
-                " rows in bf16 only");
-    return cpu::quant_gemm(x, weight, bias, *scale, offset, n);
+  if (tiled && (x.size(0) <= cpu::kMaxQuantRows || cpu::tiled_batches_in_int8())) {
+    return cpu::tiled_linear(x, weight, bias, *scale, offset);
   }
-  if (x.size(0) <= (int4 ? cpu::kMaxQuantRows : cpu::kMaxRows)) {
+  if (!tiled && x.size(0) <= (int4 ? cpu::kMaxQuantRows : cpu::kMaxRows)) {
     return cpu::small_batch_linear(x, weight, bias, scale, offset);
   }
-  if (!int8 && !int4) return at::linear(x, weight, bias);
+  if (!int8 && !int4) return cpu::matmul(x, weight, bias);
   if (cpu::quant_gemm_applies(x, *scale, n, k)) return cpu::quant_gemm(x, weight, bias, *scale, offset, n);
   // torch's int8 kernel: per-row scales, rows of a multiple of 16 values (it crashed on 72)
-  if (int8 && !offset && scale->size(1) == 1 && x.size(0) <= cpu::kInt8KernelRows && k % 16 == 0) {
+  if (int8 && !tiled && !offset && scale->size(1) == 1 && x.size(0) <= cpu::kInt8KernelRows && k % 16 == 0) {
     auto y = at::_weight_int8pack_mm(x.contiguous(), weight, scale->view({n}).to(x.scalar_type()));
     return bias ? y + *bias : y;
   }
-  return at::linear(x, cpu::dequantize(weight, *scale, offset, k, x.scalar_type()), bias);
+  return cpu::matmul(x, cpu::dequantize(weight, *scale, offset, n, k, cpu::matmul_dtype(x)), bias);
 }
 
 }  // namespace pagedllm

@@ -23,6 +23,27 @@ struct Int4 {
   uint8_t bits;
 };
 
+constexpr int64_t kTileFeatures = 16;  // output features per tile of quant_gemv_tiled.h's layout
+
+// 4-bit weights: up to this many rows take the GEMVs (measured at 6 and 8 rows: the GEMV took 0.35-0.75x the time of
+// dequantizing for the matmul; for int8 and bf16 weights the matmul is as fast or faster from 5 rows)
+constexpr int64_t kMaxQuantRows = 8;
+
+// Calls f with the number of rows (1 to kMaxQuantRows) as a compile-time constant.
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}); break;
+    case 6: f(std::integral_constant<int64_t, 6>{}); break;
+    case 7: f(std::integral_constant<int64_t, 7>{}); break;
+    default: f(std::integral_constant<int64_t, 8>{}); break;
+  }
+}
+
 // A quantized weight matrix as the kernels read it.
 template <typename W>
 struct QuantWeight {
@@ -124,6 +145,10 @@ void quant_gemv_rows(const float* xf, const float* xsum, const QuantWeight<W>& w
   }
 }
 
+// Packed values are prefetched this far ahead: on this VM's slow-memory minutes one request's decode ran 8-10 %
+// faster with it (the hardware prefetcher alone kept fewer lines in flight than the 4-bit stream needs).
+constexpr int64_t kPrefetchBytes = 4096;
+
 #if defined(CPU_CAPABILITY_AVX512)
 // The 4-bit GEMV on AVX512-BF16 for bf16 activations reads 64 bytes (four blocks, 128 values) at a time and
 // splits them, viewed as 16-bit lanes, into four vectors of nibbles without a shuffle: the low and high nibbles
@@ -131,9 +156,6 @@ void quant_gemv_rows(const float* xf, const float* xsum, const QuantWeight<W>& w
 // vector multiplies x in pairs (vdpbf16ps) as 128 + q; the 128 * sum(x) this adds per group is taken off with
 // the offsets (o - 128 s). x is rearranged once per call into that order (and padded to 128 with zeros).
 constexpr int64_t kInt4Chunk = 128;
-// Packed values are prefetched this far ahead: on this VM's slow-memory minutes one request's decode ran 8-10 %
-// faster with it (the hardware prefetcher alone kept fewer lines in flight than the 4-bit stream needs).
-constexpr int64_t kPrefetchBytes = 4096;
 
 struct Int4Input {
   std::vector<at::BFloat16> x;  // [rows, k padded to whole chunks]
@@ -307,12 +329,27 @@ PAGEDLLM_BF16_DOT void dequantize_rows_bf16(const QuantWeight<W>& w, at::BFloat1
 }
 #endif
 
-// W as values of dtype T ([N, K], for the matrix products of large batches).
+// Row n of a weight in quant_gemv_tiled.h's layout (each row's 32-bit words interleaved with those of the 15 rows
+// beside it) as an untiled row in `words`, and its group scales and offsets as fp32 in sf and of.
+template <typename W>
+const W* gather_tiled_row(const QuantWeight<W>& w, int64_t n, uint32_t* words, float* sf, float* of) {
+  const int64_t count = w.row_stride() / 4, tile = n / kTileFeatures, lane = n % kTileFeatures;
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(w.values) + tile * count * kTileFeatures + lane;
+  for (int64_t i = 0; i < count; ++i) words[i] = src[i * kTileFeatures];
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t at = (tile * w.groups + g) * kTileFeatures + lane;
+    sf[g] = static_cast<float>(w.scale[at]);
+    if (w.offset != nullptr) of[g] = static_cast<float>(w.offset[at]);
+  }
+  return reinterpret_cast<const W*>(words);
+}
+
+// W as values of dtype T ([N, K], for the matrix products of large batches), from either layout.
 template <typename T, typename W>
 void dequantize_rows(const QuantWeight<W>& w, T* out, int64_t n_out) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (cpu_has_bf16_dot()) {
+    if (cpu_has_bf16_dot() && !w.tiled) {
       at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
         std::vector<float> sf(w.groups), of(w.groups);
         dequantize_rows_bf16<W>(w, out, begin, end, sf.data(), of.data());
@@ -324,11 +361,14 @@ void dequantize_rows(const QuantWeight<W>& w, T* out, int64_t n_out) {
   const int64_t k = w.k, groups = w.groups, g_size = k / groups;
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sf(groups), of(groups, 0.f);
+    std::vector<uint32_t> words(w.tiled ? w.row_stride() / 4 : 0);
     alignas(64) float block[32];
     for (int64_t n = begin; n < end; ++n) {
-      const W* row = w.values + n * w.row_stride();
-      halves_to_float(w.scale + n * groups, sf.data(), groups);
-      if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of.data(), groups);
+      const W* row = w.tiled ? gather_tiled_row(w, n, words.data(), sf.data(), of.data()) : w.values + n * w.row_stride();
+      if (!w.tiled) {
+        halves_to_float(w.scale + n * groups, sf.data(), groups);
+        if (w.offset != nullptr) halves_to_float(w.offset + n * groups, of.data(), groups);
+      }
       T* o = out + n * k;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t e = (g + 1) * g_size;

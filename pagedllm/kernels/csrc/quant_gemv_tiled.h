@@ -1,6 +1,8 @@
-// Quantized weights tiled for int8 dot products (AVX512-VNNI): the decode GEMV multiplies int8 activations, as
-// llama.cpp's CPU kernels and vLLM's GGUF kernels do, with 4-bit or int8 weights, 64 products per instruction
-// (vpdpbusd) where bf16 pairs give 32; the 4-bit GEMV on bf16 pairs was compute-bound on this machine's cores.
+// Quantized weights tiled for int8 dot products: the decode GEMV multiplies int8 activations, as llama.cpp's CPU
+// kernels and vLLM's GGUF kernels do, with 4-bit or int8 weights, 64 products per instruction on AVX512-VNNI
+// (vpdpbusd) where bf16 pairs give 32 (the 4-bit GEMV on bf16 pairs was compute-bound on this machine's cores), and
+// on AVX2 from vpmaddubsw and vpmaddwd (quant_gemv_tiled_avx2.h; without it a 4-bit decode there converted every
+// value to fp32 and ran at 5 % of the memory's bandwidth).
 //
 // Layout: the rows' 32-bit words interleaved over 16 output features. A tile of 16 features holds, for each word
 // position w of a row (4 int8 values, or 8 nibbles of a 4-bit block: GGUF's byte j holds values j and j + 16), the
@@ -21,22 +23,21 @@
 
 namespace pagedllm::cpu {
 
-constexpr int64_t kTileFeatures = 16;  // output features per tile
 constexpr int64_t kQuantBlock = 32;    // weight values per block (a group holds whole blocks)
 constexpr int64_t kActBlock = 16;      // activation values per int8 scale
 
-// Whether this CPU runs the tiled kernels (AVX512-VNNI, and AVX512-BF16 for the batches' matrix product).
+// Whether this CPU runs the tiled kernels: AVX512-VNNI (and AVX512-BF16 for the batches' matrix product) where the
+// kernels are built for AVX-512, AVX2 where they are built for it.
 inline bool cpu_has_int8_dot() {
 #if defined(CPU_CAPABILITY_AVX512)
   static const bool has = __builtin_cpu_supports("avx512vnni") && cpu_has_bf16_dot();
   return has;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return true;
 #else
   return false;
 #endif
 }
-
-#if defined(CPU_CAPABILITY_AVX512)
-#define PAGEDLLM_INT8_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 
 // x [rows, k] quantized per kActBlock values.
 struct QuantizedInput {
@@ -46,21 +47,31 @@ struct QuantizedInput {
   std::vector<float> sums;        // [rows, groups]: the exact sums of x per group, for the offsets
 };
 
+// A QuantizedInput's rows from one on, as the tile kernels read them.
+struct QuantizedRows {
+  const int8_t* q;
+  const float* scale;
+  const int32_t* unsigned_;
+  const float* sums;
+
+  QuantizedRows(const QuantizedInput& in, int64_t row0, int64_t k, int64_t groups)
+      : q(in.q.data() + row0 * k), scale(in.scale.data() + row0 * k / kActBlock),
+        unsigned_(in.unsigned_.data() + row0 * k / kActBlock),
+        sums(in.sums.empty() ? nullptr : in.sums.data() + row0 * groups) {}
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+#define PAGEDLLM_INT8_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+
+// kActBlock values of x as int8 into q; returns their scale d, and 128 * sum q in unsigned_sum.
 template <typename T>
-PAGEDLLM_INT8_DOT QuantizedInput quantize_input(const T* x, int64_t rows, int64_t k, int64_t groups, bool offsets) {
-  const int64_t blocks = rows * k / kActBlock;
-  QuantizedInput in{std::vector<int8_t>(rows * k), std::vector<float>(blocks), std::vector<int32_t>(blocks),
-                    offsets ? group_sums(x, rows, k, groups) : std::vector<float>()};
-  const __m512 sign = _mm512_set1_ps(-0.f);
-  for (int64_t b = 0; b < blocks; ++b) {  // x's rows back to back: a row holds whole blocks
-    const __m512 v = __m512(load_float(x + b * kActBlock));
-    const float amax = _mm512_reduce_max_ps(_mm512_andnot_ps(sign, v));
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(in.q.data() + b * kActBlock), _mm512_cvtsepi32_epi8(q));
-    in.scale[b] = amax / 127.f;
-    in.unsigned_[b] = 128 * _mm512_reduce_add_epi32(q);
-  }
-  return in;
+PAGEDLLM_INT8_DOT inline float quantize_block(const T* x, int8_t* q, int32_t& unsigned_sum) {
+  const __m512 v = __m512(load_float(x));
+  const float amax = _mm512_reduce_max_ps(_mm512_andnot_ps(_mm512_set1_ps(-0.f), v));
+  const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qi));
+  unsigned_sum = 128 * _mm512_reduce_add_epi32(qi);
+  return amax / 127.f;
 }
 
 // A block's 32 values of 16 features as eight vectors of unsigned bytes, vector j multiplying x's word j (values
@@ -90,7 +101,7 @@ struct TileBlock {
 
 // Tiles [t0, t1) of y [M, n_out] = x W^T (+ bias).
 template <typename T, typename W, int64_t M>
-PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedInput& in, const QuantWeight<W>& w, const T* bias, T* y,
+PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedRows& in, const QuantWeight<W>& w, const T* bias, T* y,
                                         int64_t n_out, int64_t t0, int64_t t1) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   const int64_t k = w.k, groups = w.groups, blocks = k / kQuantBlock, per_group = blocks / groups;
@@ -110,7 +121,7 @@ PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedInput& in, const QuantWei
       for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
         const TileBlock<W> block(wt + b * TileBlock<W>::kBytes);
         for (int64_t m = 0; m < M; ++m) {
-          const int32_t* xw = reinterpret_cast<const int32_t*>(in.q.data() + m * k + b * kQuantBlock);
+          const int32_t* xw = reinterpret_cast<const int32_t*>(in.q + m * k + b * kQuantBlock);
           for (int h = 0; h < 2; ++h) {  // the block's two halves of 16 values, each with its activation scale
             const int64_t a = m * halves + 2 * b + h;
             __m512i dot = _mm512_setzero_si512();
@@ -130,15 +141,6 @@ PAGEDLLM_INT8_DOT void tiled_gemv_tiles(const QuantizedInput& in, const QuantWei
         yr[f] = static_cast<T>(bias != nullptr ? out[f] + static_cast<float>(bias[t * kTileFeatures + f]) : out[f]);
     }
   }
-}
-
-// y [M, n_out] = x W^T (+ bias) for a tiled W.
-template <typename T, typename W, int64_t M>
-void tiled_gemv(const T* x, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out) {
-  const auto in = quantize_input(x, M, w.k, w.groups, w.offset != nullptr);
-  at::parallel_for(0, n_out / kTileFeatures, 1, [&](int64_t begin, int64_t end) {
-    tiled_gemv_tiles<T, W, M>(in, w, bias, y, n_out, begin, end);
-  });
 }
 
 // For the batches' matrix product (quant_gemm.h): 16 features of a tiled W, K values [i, i + 32), dequantized as
@@ -170,6 +172,43 @@ PAGEDLLM_BF16_DOT inline void dequantize_tile_pairs(const QuantWeight<W>& w, int
   for (int pr = 0; pr < 16; ++pr)
     r[pr] = _mm512_castsi512_ps(_mm512_permutexvar_epi16(
         pairs, (__m512i)_mm512_cvtne2ps_pbh(value(2 * pr + 1), value(2 * pr))));
+}
+#endif
+
+}  // namespace pagedllm::cpu
+
+#include "quant_gemv_tiled_avx2.h"
+
+namespace pagedllm::cpu {
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <typename T>
+PAGEDLLM_INT8_DOT QuantizedInput quantize_input(const T* x, int64_t rows, int64_t k, int64_t groups, bool offsets) {
+  const int64_t blocks = rows * k / kActBlock;
+  QuantizedInput in{std::vector<int8_t>(rows * k), std::vector<float>(blocks), std::vector<int32_t>(blocks),
+                    offsets ? group_sums(x, rows, k, groups) : std::vector<float>()};
+  for (int64_t b = 0; b < blocks; ++b)  // x's rows back to back: a row holds whole blocks
+    in.scale[b] = quantize_block(x + b * kActBlock, in.q.data() + b * kActBlock, in.unsigned_[b]);
+  return in;
+}
+
+// Tiles a thread multiplies with every chunk of rows before the next ones: their weights (at most 48 KB) stay in
+// the core's caches meanwhile, so a batch streams them from memory once.
+constexpr int64_t kTilesPerPass = 4;
+
+// y [rows, n_out] = x W^T (+ bias) for a tiled W: x quantized once, then each few tiles times every chunk of up to
+// kMaxQuantRows rows (each row's result computed alone, whatever the rows beside it).
+template <typename T, typename W>
+void tiled_gemm(const T* x, int64_t rows, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out) {
+  const auto in = quantize_input(x, rows, w.k, w.groups, w.offset != nullptr);
+  at::parallel_for(0, n_out / kTileFeatures, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t += kTilesPerPass)
+      for (int64_t r0 = 0; r0 < rows; r0 += kMaxQuantRows)
+        with_rows(std::min(kMaxQuantRows, rows - r0), [&](auto m) {
+          tiled_gemv_tiles<T, W, decltype(m)::value>(QuantizedRows(in, r0, w.k, w.groups), w, bias, y + r0 * n_out,
+                                                     n_out, t, std::min(t + kTilesPerPass, end));
+        });
+  });
 }
 #endif
 
