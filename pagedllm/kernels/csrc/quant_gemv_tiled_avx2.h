@@ -72,49 +72,60 @@ struct HalfBlock {
   }
 };
 
-// Tiles [t0, t1) of y [M, n_out] = x W^T (+ bias), each as its two halves of 8 features in turn (M accumulators
-// in registers; the tile's second pass reads it from L1).
+// Tiles [t0, t1) of y [M, n_out] = x W^T (+ bias). Up to 2 rows, both halves of a tile's features go through each
+// block together (independent chains, x's words loaded once); more rows take them one after the other, so that
+// the M accumulators stay in registers (the second pass reads the tile from L1).
 template <typename T, typename W, int64_t M>
 void tiled_gemv_tiles(const QuantizedRows& in, const QuantWeight<W>& w, const T* bias, T* y, int64_t n_out,
                       int64_t t0, int64_t t1) {
   constexpr bool kInt8 = std::is_same_v<W, int8_t>;
   constexpr int64_t kBlockBytes = kTileFeatures * (kInt8 ? kQuantBlock : kQuantBlock / 2);
+  constexpr int64_t F = M <= 2 ? 2 : 1;  // halves of 8 features per pass
   const int64_t k = w.k, groups = w.groups, per_group = k / kQuantBlock / groups, halves = k / kActBlock;
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = reinterpret_cast<const uint8_t*>(w.values) + t * (k / kQuantBlock) * kBlockBytes;
-    for (int64_t fh = 0; fh < 2; ++fh) {
-      __m256 acc[M];
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t f0 = 0; f0 < 2; f0 += F) {
+      __m256 acc[M][F];
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t f = 0; f < F; ++f) acc[m][f] = _mm256_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t sg = (t * groups + g) * kTileFeatures + 8 * fh;
-        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale + sg)));
-        if (w.offset != nullptr) {
-          const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.offset + sg)));
-          for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(in.sums[m * groups + g]), acc[m]);
+        __m256 s[F];
+        for (int64_t f = 0; f < F; ++f) {
+          const int64_t sg = (t * groups + g) * kTileFeatures + 8 * (f0 + f);
+          s[f] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale + sg)));
+          if (w.offset != nullptr) {
+            const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.offset + sg)));
+            for (int64_t m = 0; m < M; ++m)
+              acc[m][f] = _mm256_fmadd_ps(o, _mm256_set1_ps(in.sums[m * groups + g]), acc[m][f]);
+          }
         }
         for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
           const uint8_t* block = wt + b * kBlockBytes;
-          if (fh == 0)
+          if (f0 == 0)
             for (int64_t off = 0; off < kBlockBytes; off += 64)
               _mm_prefetch(reinterpret_cast<const char*>(block + off) + kPrefetchBytes, _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {  // the block's two halves of 16 values, each with its activation scale
-            const HalfBlock<W> half(block, fh, h);
-            for (int64_t m = 0; m < M; ++m) {
-              const int64_t a = m * halves + 2 * b + h;
-              const __m256i dot = half.dot(reinterpret_cast<const int32_t*>(in.q + a * kActBlock));
-              acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(in.scale[a])), acc[m]);
+            for (int64_t f = 0; f < F; ++f) {
+              const HalfBlock<W> half(block, f0 + f, h);
+              for (int64_t m = 0; m < M; ++m) {
+                const int64_t a = m * halves + 2 * b + h;
+                const __m256i dot = half.dot(reinterpret_cast<const int32_t*>(in.q + a * kActBlock));
+                acc[m][f] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s[f], _mm256_set1_ps(in.scale[a])),
+                                            acc[m][f]);
+              }
             }
           }
         }
       }
       alignas(32) float out[8];
-      for (int64_t m = 0; m < M; ++m) {
-        _mm256_store_ps(out, acc[m]);
-        T* yr = y + m * n_out + t * kTileFeatures + 8 * fh;
-        for (int64_t f = 0; f < 8; ++f)
-          yr[f] = static_cast<T>(bias != nullptr ? out[f] + static_cast<float>(bias[t * kTileFeatures + 8 * fh + f])
-                                                  : out[f]);
-      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t f = 0; f < F; ++f) {
+          _mm256_store_ps(out, acc[m][f]);
+          const int64_t first = t * kTileFeatures + 8 * (f0 + f);
+          T* yr = y + m * n_out + first;
+          for (int64_t i = 0; i < 8; ++i)
+            yr[i] = static_cast<T>(bias != nullptr ? out[i] + static_cast<float>(bias[first + i]) : out[i]);
+        }
     }
   }
 }
