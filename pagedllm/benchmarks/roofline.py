@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pagedllm import kernels
 from pagedllm.config import ModelConfig
 
 
@@ -36,14 +37,17 @@ def _best_time(fn, min_seconds: float = 0.5, min_calls: int = 5) -> float:
 @torch.inference_mode()
 def matmul_flops(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
     """FLOP/s of the model's linear layers on `tokens` rows: every layer's own (random) weights, so they
-    stream from memory as the real model's do instead of sitting in cache."""
+    stream from memory as the real model's do instead of sitting in cache; through the native linear op where the
+    engine runs it (on CPUs without AVX512-BF16 it multiplies bf16 rows in fp32: torch's bf16 matmul there ran at a
+    seventh of the speed, which made a roofline the engine exceeded several times over)."""
     shapes = layer_linear_shapes(cfg) * cfg.num_layers
     weights = [torch.randn(o, i, dtype=dtype, device=device) for i, o in shapes]
     inputs = {i: torch.randn(tokens, i, dtype=dtype, device=device) for i, _ in shapes}
+    linear = kernels.linear if kernels.native_ops_enabled(device, dtype) else F.linear
 
     def run():
         for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+            linear(inputs[w.shape[1]], w)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
