@@ -39,6 +39,8 @@ inline Vec load_float(const T* p) {
   } else if constexpr (std::is_same_v<T, int8_t>) {
 #if defined(CPU_CAPABILITY_AVX512)
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
     float tmp[kLanes];
     for (int64_t i = 0; i < kLanes; ++i) tmp[i] = p[i];
