@@ -192,8 +192,8 @@ PAGEDLLM_INT8_DOT QuantizedInput quantize_input(const T* x, int64_t rows, int64_
   return in;
 }
 
-// Tiles a thread multiplies with every chunk of rows before the next ones: their weights (at most 48 KB) stay in
-// the core's caches meanwhile, so a batch streams them from memory once.
+// Tiles a thread multiplies with every chunk of rows before the next ones: their weights (48 KB of 4-bit values at
+// K = 1,536) stay in the core's L2 meanwhile, so a batch streams them from memory once.
 constexpr int64_t kTilesPerPass = 4;
 
 // y [rows, n_out] = x W^T (+ bias) for a tiled W: x quantized once, then each few tiles times every chunk of up to
