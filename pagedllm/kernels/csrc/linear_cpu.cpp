@@ -291,8 +291,9 @@ namespace pagedllm {
 // x: [M, K]; weight: [N, K] in x's dtype, or quantized: int8 [N, K] or 4-bit uint8 [N, K / 2] with fp16 scale
 // [N, groups] and optionally offset [N, groups], or tiled for int8 dot products (quant_gemv_tiled.h: values
 // [N / 16, K / 4 or K / 8, 64], scale and offset [N / 16, groups, 16]); bias: [N] or none. Returns [M, N]. Up to
-// kMaxRows rows (kMaxQuantRows for 4-bit and tiled weights) stream the weights through the GEMVs above; more rows are
-// a matrix product: float weights through torch's, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16),
+// kMaxRows rows (kMaxQuantRows for 4-bit and tiled weights; tiled ones any number on AVX2 builds:
+// tiled_batches_in_int8) stream the weights through the GEMVs above; more rows are a matrix product: float weights
+// through torch's, quantized ones through quant_gemm.h (bf16 rows on AVX512-BF16),
 // elsewhere torch's int8-weight kernel (per-row int8, up to kInt8KernelRows rows) or the weights dequantized once
 // per call for torch's (which multiplies in fp32 where bf16 would be slow: matmul_dtype).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
